@@ -1,0 +1,62 @@
+# PicoSpec: `make demo` installs everything and runs the demo; `make test` runs the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PIP := $(VENV)/bin/pip
+PY := $(VENV)/bin/python
+LLAMA_VERSION := 0.3.36
+ARCH := $(shell uname -m)
+# x86_64: a portable AVX2 build. llama.cpp's default -march=native build crashes on CPUs that
+# advertise AMX (SIGSEGV in ggml_backend_amx_mul_mat). ARM (Pi, Jetson): the native build is right;
+# for Jetson set LLAMA_CMAKE_ARGS=-DGGML_CUDA=on (docs/EDGE_HARDWARE.md).
+ifeq ($(ARCH),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+else
+LLAMA_CMAKE_ARGS ?=
+endif
+# Built llama-cpp-python wheels are kept per build flags, so a new clone does not rebuild (3+ min).
+WHEELS := $(HOME)/.cache/picospec/wheels/$(shell echo "$(ARCH) $(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)" | md5sum | cut -c1-10)
+EXTRAS ?= all,models
+
+.PHONY: install install-edge demo test test-fast bench models clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.llama-$(LLAMA_VERSION): $(VENV)/bin/python
+	@mkdir -p $(WHEELS)
+	@if ! ls $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "building llama-cpp-python $(LLAMA_VERSION) ($(LLAMA_CMAKE_ARGS)); a few minutes, once"; \
+	  CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" \
+	    $(PIP) wheel -q --no-cache-dir --no-deps -w $(WHEELS) llama-cpp-python==$(LLAMA_VERSION); \
+	fi
+	$(PIP) install -q $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.llama-$(LLAMA_VERSION)
+	$(PIP) install -q -e ".[$(EXTRAS)]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+# the edge alone (a Pi, a Jetson): no torch, no transformers
+install-edge: $(VENV)/.llama-$(LLAMA_VERSION)
+	$(PIP) install -q -e ".[edge]"
+
+demo: install
+	$(VENV)/bin/picospec demo
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+bench: install
+	$(VENV)/bin/picospec bench --prompts humaneval,gsm8k,mt-bench --limit 4 --rtt-ms 50,150 --json bench/results/bench.json --plot bench/results/bench.png
+
+models: install
+	$(VENV)/bin/picospec models
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Benchmarks for PicoSpec and the tools they need: the user-space link emulator, prompt sets."""

@@ -1,0 +1,145 @@
+"""The cloud's target engine: one small class over a transformers causal LM and its KV cache.
+
+Positions are explicit: `cache_len` is how many tokens the KV cache holds, and rolling back is
+cropping the cache to a length, never a rebuild.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run the target. dtype: "bfloat16" (CPU default) or "float32"; device: "cpu"/"cuda"."""
+
+    dtype: str = "bfloat16"
+    device: str = "auto"
+    threads: int | None = None
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+          "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16}
+
+
+class TargetEngine:
+    """A target model with one sequence's KV cache.
+
+    Not thread-safe by itself; the server gives each session its own engine state and runs
+    forward passes one at a time on a worker thread (see `model_lock`).
+    """
+
+    def __init__(self, model, tokenizer=None, device: str = "cpu", model_lock: threading.Lock | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = device
+        self.vocab_size = int(model.config.vocab_size)
+        # One lock per model: CPU forward passes of different sessions would only fight for cores.
+        self.model_lock = model_lock or threading.Lock()
+        self.cache = self._new_cache()
+        self.forward_passes = 0
+
+    @classmethod
+    def load(cls, spec, config: EngineConfig = EngineConfig()) -> "TargetEngine":
+        """Load a target (a models.ModelSpec) with its cached safetensors copy."""
+        from models.target_cache import load_target
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        device = config.resolved_device()
+        model, tokenizer = load_target(spec, dtype=config.dtype, device=device)
+        return cls(model, tokenizer, device)
+
+    def fork(self) -> "TargetEngine":
+        """A new engine state (empty cache) sharing this one's weights and model lock."""
+        return TargetEngine(self.model, self.tokenizer, self.device, self.model_lock)
+
+    def _new_cache(self) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        # sliding-window layers (Gemma 3) forget the past unless asked to keep it for rollback
+        if hasattr(cache, "activate_past_recording"):
+            try:
+                cache.activate_past_recording()
+            except Exception:  # layers without a window have nothing to record
+                pass
+        return cache
+
+    @property
+    def cache_len(self) -> int:
+        return int(self.cache.get_seq_length())
+
+    def reset(self) -> None:
+        self.cache = self._new_cache()
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int]) -> torch.Tensor:
+        """Feed ids after the cache; returns float32 logits [len(ids), V] on the CPU.
+
+        Row i is the target's next-token logits after ids[i]: for a verify pass fed with
+        [last committed?] + drafted, the rows give the distribution at every drafted position and at
+        the position after the block, in one forward pass.
+        """
+        if not ids:
+            raise ValueError("forward needs at least one token")
+        x = torch.tensor([ids], dtype=torch.long, device=self.device)
+        with self.model_lock:
+            out = self.model(input_ids=x, cache=self.cache, use_cache=True)
+            self.forward_passes += 1
+        return out.logits[0].float().cpu()
+
+    def prefill(self, ids: list[int], chunk: int = 512) -> torch.Tensor:
+        """Feed a prompt (in chunks, so a long prompt does not spike memory); returns last logits [V]."""
+        last = None
+        for start in range(0, len(ids), chunk):
+            last = self.forward(ids[start:start + chunk])[-1]
+        return last
+
+    def rollback(self, length: int) -> None:
+        """Drop cached positions from `length` on."""
+        remove = self.cache_len - length
+        if remove < 0:
+            raise ValueError(f"cannot roll back to {length}: the cache holds {self.cache_len}")
+        if remove:  # crop(0) is not a no-op everywhere, and a positive argument raises in 5.x
+            self.cache.crop(-remove)
+
+    def common_prefix_keep(self, committed: list[int], new: list[int]) -> int:
+        """How many cached positions of `committed` can be kept for the new context `new`."""
+        n = min(len(committed), len(new), self.cache_len)
+        i = 0
+        while i < n and committed[i] == new[i]:
+            i += 1
+        return i
+
+
+def greedy_reference(engine: TargetEngine, prompt: list[int], max_new_tokens: int,
+                     eos_id: int | None) -> tuple[list[int], float]:
+    """The target alone, greedy, one token per forward pass: the output speculation must equal.
+
+    Returns (generated ids, seconds).
+    """
+    t0 = time.perf_counter()
+    engine.reset()
+    logits = engine.prefill(prompt)
+    out: list[int] = []
+    while len(out) < max_new_tokens:
+        token = int(torch.argmax(logits))
+        out.append(token)
+        if token == eos_id or len(out) >= max_new_tokens:
+            break
+        logits = engine.forward([token])[-1]
+    return out, time.perf_counter() - t0
+
+
+def rows_to_numpy(logits: torch.Tensor) -> np.ndarray:
+    """float32 torch [k, V] -> float64 numpy [k, V] for the pure sampling math."""
+    return logits.double().numpy()

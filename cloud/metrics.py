@@ -1,0 +1,68 @@
+"""Prometheus text exposition for the verifier: counters, gauges and latency summaries."""
+from __future__ import annotations
+
+import collections
+import threading
+
+import numpy as np
+
+QUANTILES = (0.5, 0.9, 0.99)
+
+
+class Metrics:
+    """Thread-safe counters, gauges and summaries (a bounded window of recent observations)."""
+
+    def __init__(self, window: int = 4096):
+        self._lock = threading.Lock()
+        self._counters: dict[tuple[str, tuple], float] = collections.defaultdict(float)
+        self._gauges: dict[str, float] = {}
+        self._obs: dict[str, collections.deque] = {}
+        self._sums: dict[str, tuple[int, float]] = {}
+        self._window = window
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        with self._lock:
+            self._counters[(name, tuple(sorted(labels.items())))] += value
+
+    def gauge(self, name: str, value: float) -> None:
+        with self._lock:
+            self._gauges[name] = value
+
+    def observe(self, name: str, value: float) -> None:
+        with self._lock:
+            self._obs.setdefault(name, collections.deque(maxlen=self._window)).append(value)
+            count, total = self._sums.get(name, (0, 0.0))
+            self._sums[name] = (count + 1, total + value)
+
+    def quantiles(self, name: str) -> dict[float, float]:
+        with self._lock:
+            values = list(self._obs.get(name, ()))
+        if not values:
+            return {}
+        return {q: float(np.quantile(values, q)) for q in QUANTILES}
+
+    def render(self) -> str:
+        lines: list[str] = []
+        with self._lock:
+            counters = dict(self._counters)
+            gauges = dict(self._gauges)
+            sums = dict(self._sums)
+        for name in sorted({n for n, _ in counters}):
+            lines.append(f"# TYPE {name} counter")
+            for (n, labels), value in sorted(counters.items()):
+                if n == name:
+                    lines.append(f"{name}{_labels(labels)} {value:g}")
+        for name, value in sorted(gauges.items()):
+            lines += [f"# TYPE {name} gauge", f"{name} {value:g}"]
+        for name, (count, total) in sorted(sums.items()):
+            lines.append(f"# TYPE {name} summary")
+            for q, v in self.quantiles(name).items():
+                lines.append(f'{name}{{quantile="{q}"}} {v:.6f}')
+            lines += [f"{name}_count {count}", f"{name}_sum {total:.6f}"]
+        return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"

@@ -1,0 +1,333 @@
+"""The PicoSpec messages and encode / decode between them and frames.
+
+A session, edge -> cloud and back:
+    Hello -> Welcome                  the tokenizer fingerprints must match
+    Prompt -> Prefilled               (re)set the committed context; the cloud prefills
+    Draft -> Verdict, round after round: drafted ids in, accepted count + recovered / bonus out
+    Generate -> Tokens                cloud-only generation, for comparison
+    Error, Close                      either way
+
+On the wire a message is a msgpack map: "v" (protocol version), "t" (type code) and one short key
+per field. Fields equal to their default are left out, so a greedy 4-token Draft is ~30 bytes.
+Unknown keys are refused: a new field is a new protocol version.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+from codec import fields as F
+from codec.errors import CodecError, bad_message
+from codec.framing import pack_frame, unpack_frame
+from codec.limits import (
+    MAX_BLOCK,
+    MAX_DECOMPRESSED,
+    MAX_FRAME,
+    MAX_PROMPT,
+    MAX_STR,
+    MAX_TOP_K,
+    MAX_VOCAB,
+    PROTOCOL_VERSION,
+    SUPPORTED_VERSIONS,
+)
+from sampling import SparseDist
+
+VARIANTS = ("exact", "paper")
+VERDICT_KINDS = ("", "recovered", "bonus", "rejected")
+
+
+@dataclass(frozen=True)
+class Hello:
+    """Edge -> cloud, first. fingerprint: the drafter's tokenizer; sampling: SamplingParams as a
+    dict; variant: "exact" (sparse q uplink) or "paper" (q scalar up, top-K down)."""
+
+    fingerprint: dict
+    sampling: dict
+    variant: str = "exact"
+    paper_top_k: int = 8
+    token: str | None = None
+    client: str = ""
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """Cloud -> edge: the session is open; fingerprint is the target's tokenizer."""
+
+    session_id: str
+    fingerprint: dict
+    model: str
+    vocab_size: int
+    server: str = ""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """Edge -> cloud: (re)set the committed context to ids; the cloud keeps the common prefix of
+    its cache and prefills the rest."""
+
+    ids: list[int]
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """Cloud -> edge: the committed context is in the cache; rounds of `epoch` may start."""
+
+    committed_len: int
+    epoch: int
+    prefill_s: float
+
+
+@dataclass(frozen=True)
+class Draft:
+    """Edge -> cloud: one round's drafted ids, ids[0] at absolute position pos.
+
+    dists: [len(ids)] what each id was sampled from (exact variant, sampling), each holding its
+    id; q_scalar: [len(ids)] q(id) in (0, 1] (paper variant); greedy sends neither.
+    forced: how many leading ids are already decided (0 or 1). flush: verify now, no more coming.
+    """
+
+    epoch: int
+    pos: int
+    ids: list[int]
+    dists: list[SparseDist] | None = None
+    q_scalar: list[float] | None = None
+    forced: int = 0
+    flush: bool = False
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """Cloud -> edge: the outcome of a Draft. accepted: drafted ids kept; token: the recovered or
+    bonus token (kind says which), None when kind is "" or "rejected"; new_epoch: the epoch
+    the next Draft must carry. top_ids / top_probs: the target's top-K (paper variant)."""
+
+    epoch: int
+    pos: int
+    accepted: int
+    token: int | None
+    kind: str
+    new_epoch: int
+    verify_s: float = 0.0
+    top_ids: list[int] | None = None
+    top_probs: list[float] | None = None
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Edge -> cloud: generate up to max_new_tokens with the target alone."""
+
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Cloud -> edge: generated ids, ids[0] at absolute position pos; done on the last one."""
+
+    pos: int
+    ids: list[int]
+    done: bool
+
+
+@dataclass(frozen=True)
+class Error:
+    """Either way: code (CodecError codes, or the server's own) and a readable message."""
+
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Close:
+    """Either way: the session is over."""
+
+    reason: str = ""
+
+
+Message = Union[Hello, Welcome, Prompt, Prefilled, Draft, Verdict, Generate, Tokens, Error, Close]
+
+
+# ---- consistency between fields -----------------------------------------------------------
+
+
+def _check_draft(m: Draft, vocab_size: int | None) -> None:
+    n = len(m.ids)
+    if m.forced > n:
+        raise bad_message("Draft.forced", f"{m.forced} forced ids but only {n} ids")
+    if m.dists is not None and m.q_scalar is not None:
+        raise bad_message("Draft", "dists (exact variant) and q_scalar (paper) are exclusive")
+    if m.q_scalar is not None and len(m.q_scalar) != n:
+        raise bad_message("Draft.q_scalar", f"{len(m.q_scalar)} values for {n} ids")
+    if m.dists is not None:
+        if len(m.dists) != n:
+            raise bad_message("Draft.dists", f"{len(m.dists)} distributions for {n} ids")
+        for i, (token, dist) in enumerate(zip(m.ids, m.dists)):
+            # a drafted id outside its support could not have been sampled: q would be 0
+            if dist.prob(int(token)) <= 0.0:
+                raise bad_message(f"Draft.dists[{i}]", f"id {int(token)} is not in its support")
+
+
+def _check_verdict(m: Verdict, vocab_size: int | None) -> None:
+    has_token = m.kind in ("recovered", "bonus")
+    if has_token != (m.token is not None):
+        raise bad_message(
+            "Verdict.token", f"kind {m.kind!r} {'needs' if has_token else 'takes no'} token"
+        )
+    if (m.top_ids is None) != (m.top_probs is None):
+        raise bad_message("Verdict", "top_ids and top_probs come together")
+    if m.top_ids is not None and len(m.top_ids) != len(m.top_probs):
+        raise bad_message("Verdict.top_probs", f"{len(m.top_probs)} probs for {len(m.top_ids)} ids")
+
+
+def _no_check(m: Any, vocab_size: int | None) -> None:
+    return None
+
+
+# ---- the schema ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    key: str
+    codec: F.FieldCodec
+    required: bool
+    default_wire: Any  # the wire form of the default: equal values are left out
+
+
+@dataclass(frozen=True)
+class _Schema:
+    cls: type
+    code: int
+    fields: tuple[_Field, ...]
+    check: Callable[[Any, int | None], None]
+    keys: frozenset[str]
+
+
+def _schema(
+    cls: type, code: int, check: Callable[[Any, int | None], None], /, **codecs: Any
+) -> _Schema:
+    """codecs: field name -> (wire key, FieldCodec), in the dataclass's field order."""
+    out = []
+    for f in dataclasses.fields(cls):
+        key, codec = codecs[f.name]
+        required = f.default is dataclasses.MISSING
+        default_wire = None if required else codec.enc(f.default, f"{cls.__name__}.{f.name}")
+        out.append(_Field(f.name, key, codec, required, default_wire))
+    keys = frozenset(f.key for f in out)
+    assert len(keys) == len(out) and not keys & {"v", "t"}, cls
+    return _Schema(cls, code, tuple(out), check, keys)
+
+
+_SCHEMAS = (
+    _schema(Hello, 1, _no_check,
+            fingerprint=("f", F.fingerprint()), sampling=("s", F.sampling()),
+            variant=("a", F.choice(VARIANTS)), paper_top_k=("k", F.uint(MAX_TOP_K, lo=1)),
+            token=("tk", F.text(1024, nullable=True)), client=("c", F.text())),
+    _schema(Welcome, 2, _no_check,
+            session_id=("s", F.text()), fingerprint=("f", F.fingerprint()),
+            model=("m", F.text(MAX_STR)), vocab_size=("n", F.uint(MAX_VOCAB, lo=1)),
+            server=("sv", F.text())),
+    _schema(Prompt, 3, _no_check,
+            ids=("i", F.id_list(MAX_PROMPT)), max_new_tokens=("n", F.uint())),
+    _schema(Prefilled, 4, _no_check,
+            committed_len=("c", F.uint()), epoch=("e", F.uint()), prefill_s=("ps", F.seconds())),
+    _schema(Draft, 5, _check_draft,
+            epoch=("e", F.uint()), pos=("p", F.uint()), ids=("i", F.id_list(MAX_BLOCK)),
+            dists=("d", F.dist_list(MAX_BLOCK)),
+            q_scalar=("q", F.prob_list(MAX_BLOCK, lo_open=True)),
+            forced=("f", F.uint(1)), flush=("x", F.flag()), seq=("s", F.uint())),
+    _schema(Verdict, 6, _check_verdict,
+            epoch=("e", F.uint()), pos=("p", F.uint()), accepted=("a", F.uint(MAX_BLOCK)),
+            token=("o", F.token_id(nullable=True)), kind=("k", F.choice(VERDICT_KINDS)),
+            new_epoch=("n", F.uint()), verify_s=("vs", F.seconds()),
+            top_ids=("ti", F.id_list(MAX_TOP_K, nullable=True)),
+            top_probs=("tp", F.prob_list(MAX_TOP_K, lo_open=False)), seq=("s", F.uint())),
+    _schema(Generate, 7, _no_check, max_new_tokens=("n", F.uint())),
+    _schema(Tokens, 8, _no_check,
+            pos=("p", F.uint()), ids=("i", F.id_list(MAX_PROMPT)), done=("z", F.flag())),
+    _schema(Error, 9, _no_check, code=("c", F.text(64)), message=("m", F.text(MAX_STR))),
+    _schema(Close, 10, _no_check, reason=("r", F.text(1024))),
+)
+_BY_CLASS = {s.cls: s for s in _SCHEMAS}
+_BY_CODE = {s.code: s for s in _SCHEMAS}
+MESSAGE_TYPES: tuple[type, ...] = tuple(s.cls for s in _SCHEMAS)
+
+
+# ---- encode / decode ----------------------------------------------------------------------
+
+
+def encode(msg: Message) -> bytes:
+    """The frame of msg. Checks it as strictly as decode would (bar vocab_size), so a bad
+    message fails here, at the side that made it: CodecError "bad_message" or "too_large"."""
+    schema = _BY_CLASS.get(type(msg))
+    if schema is None:
+        raise CodecError("bad_message", f"not a message type: {type(msg).__name__}")
+    body: dict[str, Any] = {"v": PROTOCOL_VERSION, "t": schema.code}
+    for f in schema.fields:
+        wire = f.codec.enc(getattr(msg, f.name), f"{schema.cls.__name__}.{f.name}")
+        if f.required or wire != f.default_wire:
+            body[f.key] = wire
+    schema.check(msg, None)
+    return pack_frame(body)
+
+
+def decode(
+    frame: bytes,
+    *,
+    vocab_size: int | None = None,
+    max_frame: int = MAX_FRAME,
+    max_decompressed: int = MAX_DECOMPRESSED,
+) -> Message:
+    """The message in frame, or CodecError. vocab_size, when given, bounds every token id."""
+    if vocab_size is not None and not (type(vocab_size) is int and 1 <= vocab_size <= MAX_VOCAB):
+        raise ValueError(f"vocab_size must be an int in [1, {MAX_VOCAB}], got {vocab_size!r}")
+    body = unpack_frame(frame, max_frame=max_frame, max_decompressed=max_decompressed)
+    if not isinstance(body, dict):
+        raise CodecError("bad_message", f"a message is a map, got {type(body).__name__}")
+    _check_version(body.get("v"))
+    code = body.get("t")
+    schema = _BY_CODE.get(code) if type(code) is int else None
+    if schema is None:
+        raise CodecError("bad_message", f"unknown message type {code!r}")
+    name = schema.cls.__name__
+    unknown = set(body) - schema.keys - {"v", "t"}
+    if unknown:
+        raise bad_message(name, f"unknown fields {sorted(map(repr, unknown))}")
+    kwargs = {}
+    for f in schema.fields:
+        if f.key in body:
+            kwargs[f.name] = f.codec.dec(body[f.key], f"{name}.{f.name}", vocab_size)
+        elif f.required:
+            raise bad_message(name, f"missing field {f.name} ({f.key!r})")
+    msg = schema.cls(**kwargs)
+    schema.check(msg, vocab_size)
+    return msg
+
+
+def _check_version(v: Any) -> None:
+    if type(v) is int and v in SUPPORTED_VERSIONS:
+        return
+    spoken = ", ".join(str(s) for s in SUPPORTED_VERSIONS)
+    said = "missing" if v is None else f"{v!r}"[:32]
+    raise CodecError("bad_version", f"protocol version {said} not supported; this side speaks {spoken}")
+
+
+def draft_bytes(msg: Message) -> int:
+    """Bytes msg costs on the wire (the frame, tag byte included)."""
+    return len(encode(msg))
+
+
+def error_message(exc: CodecError) -> Error:
+    """The Error message that tells the peer why its frame was refused."""
+    return Error(code=exc.code, message=exc.message[:MAX_STR])
+
+
+__all__ = [
+    "Close", "Draft", "Error", "Generate", "Hello", "MESSAGE_TYPES", "Message", "Prefilled",
+    "Prompt", "Tokens", "VARIANTS", "VERDICT_KINDS", "Verdict", "Welcome", "decode",
+    "draft_bytes", "encode", "error_message",
+]

@@ -1,0 +1,159 @@
+"""The edge client: a drafter, a link to the verifier, and generation over them.
+
+`EdgeClient` is async (the REPL's and the OpenAI endpoint's event loop drives it); `picospec.api`
+wraps it for plain synchronous code.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, replace
+
+import codec
+from edge_app.drafter import Drafter, DrafterConfig
+from edge_app.link import CloudError, CloudLink
+from edge_app.meters import EdgeMeters
+from edge_app.pipeline import Answer, CommitCallback, GenerateOptions, Pipeline
+from edge_app.template import render_chat
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    draft: str | None = None  # GGUF path; None = $PICOSPEC_DRAFT or the default pair's draft
+    cloud: str | None = None  # ws://host:port[/ws]; None = start a local verifier
+    target: str | None = None  # for the local verifier only
+    token: str | None = None
+    dtype: str = "bfloat16"  # local verifier's target dtype
+    threads: int | None = None  # draft threads
+    cloud_threads: int | None = None  # local verifier's torch threads
+    pin_cores: bool = True  # split this machine's cores between edge and local verifier
+    n_ctx: int = 4096
+
+
+class EdgeClient:
+    """One edge device: its drafter, and (lazily) one session with the verifier."""
+
+    def __init__(self, config: EdgeConfig = EdgeConfig()):
+        self.config = config
+        self.drafter: Drafter | None = None
+        self.fingerprint: dict | None = None
+        self.verifier = None
+        self.link: CloudLink | None = None
+        self._link_key = None
+        self.epoch = 0
+        self.estimates: dict = {}
+        self.meters = EdgeMeters()
+        self.chat_template: str | None = None
+        self.stop_ids: tuple[int, ...] = ()
+        self.draft_name = ""
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def start(self, need_cloud: bool = True) -> "EdgeClient":
+        from models.fingerprint import from_gguf
+        from models.resolve import ensure_ready, resolve_draft
+
+        cores = None
+        if self.config.cloud is None and need_cloud and self.config.pin_cores:
+            from edge_app.embedded import split_cores
+
+            split = split_cores()
+            if split:
+                edge_cores, cores = split
+                os.sched_setaffinity(0, edge_cores)
+        loop = asyncio.get_running_loop()
+        if self.config.cloud is None and need_cloud:
+            from edge_app.embedded import EmbeddedVerifier
+
+            threads = self.config.cloud_threads or (len(cores) if cores else None)
+            self.verifier = EmbeddedVerifier(self.config.target, self.config.dtype, threads, cores,
+                                             self.config.token)
+            starting = loop.run_in_executor(None, self.verifier.start)
+        else:
+            starting = None
+        spec = resolve_draft(self.config.draft)
+        path = await loop.run_in_executor(None, ensure_ready, spec)
+        threads = self.config.threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None)
+        self.drafter = await loop.run_in_executor(
+            None, Drafter, DrafterConfig(str(path), n_ctx=self.config.n_ctx, threads=threads))
+        self.draft_name = spec.name
+        self.fingerprint = from_gguf(path).to_dict()
+        meta = self.drafter.metadata()
+        self.chat_template = meta.get("tokenizer.chat_template")
+        self.stop_ids = _stop_ids(self.drafter, meta)
+        if starting is not None:
+            await starting
+        return self
+
+    @property
+    def cloud_url(self) -> str | None:
+        return self.config.cloud or (self.verifier.url if self.verifier else None)
+
+    async def close(self) -> None:
+        if self.link is not None:
+            await self.link.close()
+            self.link = None
+        if self.verifier is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.verifier.stop)
+            self.verifier = None
+        if self.drafter is not None:
+            self.drafter.close()
+            self.drafter = None
+
+    async def _session(self, options: GenerateOptions) -> CloudLink:
+        """A verifier session whose sampling settings match `options` (reconnects if they differ)."""
+        key = (options.params, options.variant, options.paper_top_k)
+        if self.link is not None and self.link.connected and self._link_key == key and options.params.seed is None:
+            return self.link
+        if self.link is not None:
+            await self.link.close()
+        p = options.params
+        link = CloudLink(self.cloud_url)
+        await link.connect(codec.Hello(
+            fingerprint=self.fingerprint,
+            sampling={"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed},
+            variant=options.variant, paper_top_k=options.paper_top_k, token=self.config.token,
+            client="picospec-edge"))
+        self.link, self._link_key, self.epoch = link, key, 0
+        return link
+
+    # -- text --------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: str, raw: bool = False, system: str | None = None) -> list[int]:
+        """A prompt as ids: raw text, or one user turn (after an optional system turn) in the chat template."""
+        if raw:
+            return self.drafter.tokenize(prompt)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.encode_chat(messages)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        text = render_chat(messages, self.chat_template)
+        return self.drafter.tokenize(text, add_bos=not text.startswith("<"))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.drafter.detokenize([t for t in ids if t not in self.stop_ids]).decode("utf-8", "replace")
+
+    # -- generation --------------------------------------------------------------------------
+    async def generate_ids(self, prompt_ids: list[int], options: GenerateOptions,
+                           on_commit: CommitCallback | None = None) -> Answer:
+        """One answer in the chosen mode. Raises CloudError when the verifier refuses or vanishes."""
+        options = replace(options, stop_ids=options.stop_ids or self.stop_ids)
+        link = None if options.mode == "edge" else await self._session(options)
+        pipeline = Pipeline(self.drafter, link, options, on_commit, self.meters, self.epoch, self.estimates)
+        try:
+            return await pipeline.run(prompt_ids)
+        finally:
+            self.epoch = pipeline.epoch
+
+
+def _stop_ids(drafter: Drafter, meta: dict) -> tuple[int, ...]:
+    """End-of-sequence and end-of-turn ids: generation stops at whichever comes first."""
+    ids = {drafter.token_eos()}
+    for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eos_token_id"):
+        if key in meta:
+            try:
+                ids.add(int(meta[key]))
+            except ValueError:
+                pass
+    return tuple(sorted(i for i in ids if i >= 0))
+
+
+__all__ = ["CloudError", "EdgeClient", "EdgeConfig"]

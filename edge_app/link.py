@@ -1,0 +1,126 @@
+"""The edge's WebSocket link to the cloud verifier: framing, byte counting, an inbox of messages."""
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+import codec
+
+
+class CloudError(RuntimeError):
+    """The cloud refused or broke the session (its Error message, or a lost connection)."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class CloudLink:
+    """One WebSocket session with the verifier. Reads happen in one reader task; sends anywhere."""
+
+    def __init__(self, url: str, *, connect_timeout_s: float = 30.0, reply_timeout_s: float = 120.0):
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/ws") else "/ws")
+        self.connect_timeout_s = connect_timeout_s
+        self.reply_timeout_s = reply_timeout_s
+        self.bytes_up = 0
+        self.bytes_down = 0
+        self.messages_up = 0
+        self.messages_down = 0
+        self.welcome: codec.Welcome | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._inbox: asyncio.Queue = asyncio.Queue()
+        self._reader: asyncio.Task | None = None
+
+    async def connect(self, hello: codec.Hello) -> codec.Welcome:
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s)
+        self._http = aiohttp.ClientSession(timeout=timeout)
+        try:
+            self._ws = await self._http.ws_connect(self.url, max_msg_size=codec.MAX_FRAME, heartbeat=30.0)
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as err:
+            await self.close()
+            raise CloudError("unreachable", f"cannot reach the verifier at {self.url}: {err}") from err
+        self._reader = asyncio.create_task(self._read_loop())
+        await self.send(hello)
+        reply = await self.recv()
+        if not isinstance(reply, codec.Welcome):
+            raise CloudError("bad_message", f"expected welcome, got {type(reply).__name__}")
+        self.welcome = reply
+        return reply
+
+    async def send(self, msg) -> int:
+        if self._ws is None or self._ws.closed:
+            raise CloudError("disconnected", "the link to the verifier is closed")
+        data = codec.encode(msg)
+        try:
+            await self._ws.send_bytes(data)
+        except (ConnectionError, RuntimeError) as err:
+            raise CloudError("disconnected", f"send failed: {err}") from err
+        self.bytes_up += len(data)
+        self.messages_up += 1
+        return len(data)
+
+    async def recv(self, timeout: float | None = None):
+        """The next message from the cloud; raises CloudError for Error messages and closes."""
+        try:
+            item = await asyncio.wait_for(self._inbox.get(), timeout or self.reply_timeout_s)
+        except asyncio.TimeoutError as err:
+            raise CloudError("timeout", f"no reply from the verifier within {timeout or self.reply_timeout_s:g} s") from err
+        if isinstance(item, CloudError):
+            self._inbox.put_nowait(item)  # keep reporting it to later callers
+            raise item
+        return item
+
+    def poll(self) -> list:
+        """Every message that has already arrived (non-blocking); raises on an Error message."""
+        out = []
+        while not self._inbox.empty():
+            item = self._inbox.get_nowait()
+            if isinstance(item, CloudError):
+                self._inbox.put_nowait(item)
+                if out:
+                    return out
+                raise item
+            out.append(item)
+        return out
+
+    async def _read_loop(self) -> None:
+        assert self._ws is not None
+        try:
+            async for msg in self._ws:
+                if msg.type != aiohttp.WSMsgType.BINARY:
+                    break
+                self.bytes_down += len(msg.data)
+                self.messages_down += 1
+                try:
+                    decoded = codec.decode(msg.data)
+                except codec.CodecError as err:
+                    self._inbox.put_nowait(CloudError(err.code, f"bad frame from the verifier: {err.message}"))
+                    return
+                if isinstance(decoded, codec.Error):
+                    self._inbox.put_nowait(CloudError(decoded.code, decoded.message))
+                    return
+                self._inbox.put_nowait(decoded)
+            self._inbox.put_nowait(CloudError("disconnected", "the verifier closed the connection"))
+        except (aiohttp.ClientError, ConnectionError) as err:
+            self._inbox.put_nowait(CloudError("disconnected", f"connection lost: {err}"))
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None and not self._ws.closed
+
+    async def close(self) -> None:
+        if self._ws is not None and not self._ws.closed:
+            try:
+                await self._ws.send_bytes(codec.encode(codec.Close(reason="bye")))
+            except (ConnectionError, RuntimeError, aiohttp.ClientError):
+                pass
+            await self._ws.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+

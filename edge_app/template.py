@@ -1,0 +1,32 @@
+"""The model's chat template, rendered on the edge (the cloud only ever sees token ids)."""
+from __future__ import annotations
+
+from functools import lru_cache
+
+# Used when a GGUF carries no template of its own: ChatML, which Qwen and many others speak.
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@lru_cache(maxsize=8)
+def _compile(source: str):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment  # templates come from model files
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+    def raise_exception(message: str):
+        raise ValueError(f"chat template: {message}")
+
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
+
+
+def render_chat(messages: list[dict], template: str | None = None, bos_token: str = "",
+                eos_token: str = "", add_generation_prompt: bool = True) -> str:
+    """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> the prompt text."""
+    return _compile(template or CHATML).render(
+        messages=messages, add_generation_prompt=add_generation_prompt,
+        bos_token=bos_token, eos_token=eos_token, tools=None,
+    )

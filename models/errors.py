@@ -1,0 +1,19 @@
+"""Errors raised by `models`. Every message says what to do next, because the person reading it is
+usually setting up a device, not reading our source."""
+from __future__ import annotations
+
+
+class ModelError(Exception):
+    """A model cannot be found, joined, read or trusted. The message is meant for the user."""
+
+
+class MissingPartsError(ModelError):
+    """The PyPI packages that carry a default model's chunks are not installed (or wrong version)."""
+
+
+class ChecksumError(ModelError):
+    """A file's size or sha256 is not what the registry promises."""
+
+
+class GGUFFormatError(ModelError):
+    """A file is not a GGUF file, or its header / metadata section is truncated or corrupt."""

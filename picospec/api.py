@@ -1,0 +1,105 @@
+"""The Python API: PicoSpec(...).generate(prompt) -> the same dict `picospec generate --json` prints.
+
+    from picospec.api import PicoSpec
+    with PicoSpec() as ps:                       # starts a local verifier with the default pair
+        out = ps.generate("Write is_prime in Python", max_new_tokens=64)
+        print(out["completions"][0]["text"], out["stats"]["tokens_per_s"])
+
+Runs its own event loop on a background thread, so it works from plain synchronous code.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import replace
+
+from edge_app.client import EdgeClient, EdgeConfig
+from edge_app.pipeline import GenerateOptions
+from sampling import SamplingParams
+
+
+class PicoSpec:
+    def __init__(self, draft: str | None = None, cloud: str | None = None, target: str | None = None,
+                 token: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
+                 cloud_threads: int | None = None, pin_cores: bool = True, need_cloud: bool = True):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="picospec-loop")
+        self._thread.start()
+        config = EdgeConfig(draft=draft, cloud=cloud, target=target, token=token, dtype=dtype,
+                            threads=threads, cloud_threads=cloud_threads, pin_cores=pin_cores)
+        self.client = EdgeClient(config)
+        self._call(self.client.start(need_cloud=need_cloud))
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def generate(self, prompt: str | list[int], *, raw: bool = False, system: str | None = None,
+                 max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                 seed: int | None = None, n: int = 1, mode: str = "pipeline", variant: str = "exact",
+                 paper_top_k: int = 8, block: int | None = None, run_ahead: int | None = None,
+                 on_commit=None) -> dict:
+        """Generate n completions; prompt is text (chat-templated unless raw) or token ids."""
+        return self._call(generate_async(
+            self.client, prompt, raw=raw, system=system, n=n, on_commit=on_commit,
+            options=GenerateOptions(
+                max_new_tokens=max_new_tokens,
+                params=SamplingParams(temperature, top_p, top_k, seed).validate(),
+                mode=mode, variant=variant, paper_top_k=paper_top_k, block=block, run_ahead=run_ahead)))
+
+    def close(self) -> None:
+        try:
+            self._call(self.client.close())
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> "PicoSpec":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+async def generate_async(client: EdgeClient, prompt: str | list[int], *, options: GenerateOptions,
+                         raw: bool = False, system: str | None = None, n: int = 1, on_commit=None) -> dict:
+    """n independent completions of one prompt, with their stats, as a JSON-ready dict."""
+    ids = list(prompt) if isinstance(prompt, list) else client.encode_prompt(prompt, raw=raw, system=system)
+    completions = []
+    for i in range(n):
+        seed = options.params.seed
+        opts = options if seed is None else replace(options, params=replace(options.params, seed=seed + i))
+        answer = await client.generate_ids(ids, opts, on_commit)
+        completions.append({
+            "index": i,
+            "token_ids": answer.token_ids,
+            "text": client.decode(answer.token_ids),
+            "finish_reason": answer.finish_reason,
+            "stats": answer.stats.to_dict(),
+        })
+    return {
+        "prompt_token_ids": ids,
+        "mode": options.mode,
+        "variant": options.variant,
+        "completions": completions,
+        "stats": merge_stats([c["stats"] for c in completions]),
+        "draft": client.draft_name,
+        "cloud": client.cloud_url,
+        "target_quality": options.mode != "edge",
+    }
+
+
+def merge_stats(stats: list[dict]) -> dict:
+    """Totals over completions (rates recomputed from the totals)."""
+    keys = ("drafted", "accepted", "rejected", "recovered", "bonus", "rounds", "stale_drafts",
+            "bytes_up", "bytes_down", "wall_s", "new_tokens")
+    out = {k: sum(s[k] for s in stats) for k in keys}
+    verified = out["accepted"] + out["rejected"]
+    out["acceptance_rate"] = out["accepted"] / verified if verified else None
+    out["mean_accepted_per_round"] = out["accepted"] / out["rounds"] if out["rounds"] else None
+    out["tokens_per_s"] = out["new_tokens"] / out["wall_s"] if out["wall_s"] > 0 else None
+    out["bytes_up_per_token"] = out["bytes_up"] / out["new_tokens"] if out["new_tokens"] else None
+    out["bytes_down_per_token"] = out["bytes_down"] / out["new_tokens"] if out["new_tokens"] else None
+    ttfts = [s["ttft_s"] for s in stats if s["ttft_s"] is not None]
+    out["ttft_s"] = sum(ttfts) / len(ttfts) if ttfts else None
+    out["mode"] = stats[0]["mode"] if stats else None
+    return out

@@ -1,0 +1,46 @@
+"""Flags shared by the commands that run the edge (generate, chat, bench, demo, edge-serve)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_edge_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("models and cloud")
+    g.add_argument("--draft", default=None, help="draft GGUF (default $PICOSPEC_DRAFT, else Qwen2.5-Coder-0.5B-Instruct)")
+    g.add_argument("--cloud", default=None, help="verifier URL, e.g. ws://host:8765 (default: start one locally)")
+    g.add_argument("--target", default=None, help="target for the local verifier (default $PICOSPEC_TARGET, else Qwen2.5-Coder-1.5B-Instruct)")
+    g.add_argument("--token", default=None, help="shared secret for the verifier (default $PICOSPEC_TOKEN)")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="local verifier dtype")
+    g.add_argument("--threads", type=int, default=None, help="draft threads (default: the edge's cores)")
+    g.add_argument("--no-pin", action="store_true", help="don't split cores between edge and local verifier")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--mode", default="pipeline", choices=["pipeline", "sync", "cloud", "edge"],
+                   help="pipeline (default), sync (vanilla speculative), cloud (target only), edge (draft only: not target quality)")
+    g.add_argument("--variant", default="exact", choices=["exact", "paper"],
+                   help="exact: sparse q up, cloud recovers (default); paper: scalar q up, top-K p down (approximate)")
+    g.add_argument("--paper-top-k", type=int, default=8)
+    g.add_argument("--block", type=int, default=None, help="fixed drafted tokens per block (default: adaptive)")
+    g.add_argument("--run-ahead", type=int, default=None, help="most unverified drafted tokens (default: 2 x block)")
+
+
+def picospec_kwargs(args) -> dict:
+    """PicoSpec(...) keyword arguments from the edge flags."""
+    import os
+
+    return dict(draft=args.draft, cloud=args.cloud, target=args.target,
+                token=args.token or os.environ.get("PICOSPEC_TOKEN"), dtype=args.dtype,
+                threads=args.threads, pin_cores=not args.no_pin)
+
+
+def generate_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, mode=args.mode, variant=args.variant,
+                paper_top_k=args.paper_top_k, block=args.block, run_ahead=args.run_ahead)

@@ -1,0 +1,42 @@
+"""The sampling math of PicoSpec, in one pure home: numbers in, numbers out, no I/O.
+
+Both sides import it: the edge to build the distribution it samples drafts from, the cloud to run
+the exact accept / recover rule against it.
+"""
+from sampling.core import (
+    DRAFT_RESOLUTION,
+    SamplingParams,
+    SparseDist,
+    Verdict,
+    draft_dist,
+    recover_from_top_k,
+    residual_probs,
+    sample_dense,
+    sample_sparse,
+    softmax,
+    target_probs,
+    top_k_sparse,
+    truncate_probs,
+    verify_block,
+    verify_block_greedy,
+    verify_token,
+)
+
+__all__ = [
+    "DRAFT_RESOLUTION",
+    "SamplingParams",
+    "SparseDist",
+    "Verdict",
+    "draft_dist",
+    "recover_from_top_k",
+    "residual_probs",
+    "sample_dense",
+    "sample_sparse",
+    "softmax",
+    "target_probs",
+    "top_k_sparse",
+    "truncate_probs",
+    "verify_block",
+    "verify_block_greedy",
+    "verify_token",
+]
