@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import random
 import socket
 import struct
@@ -152,11 +153,8 @@ def _reset(writer: asyncio.StreamWriter | None) -> None:
     if writer is None or writer.transport.is_closing():
         return
     sock = writer.get_extra_info("socket")
-    if sock is not None:
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except OSError:
-            pass
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     writer.transport.abort()
 
 
@@ -378,6 +376,7 @@ class ThreadedLinkProxy:
     def drop_connections(self, timeout: float = 10.0) -> None:
         self._call(self.proxy.drop_connections(), timeout)
 
+    # Counters are plain ints written on the proxy's loop; reading them from here is safe.
     @property
     def bytes_up(self) -> int:
         return self.proxy.bytes_up

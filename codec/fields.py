@@ -148,25 +148,27 @@ def expect_bytes(wire: Any, where: str) -> bytes:
 # ---- field codecs -------------------------------------------------------------------------
 
 
+def same_both_ways(check: Callable[[Any, str], Any]) -> FieldCodec:
+    """A field whose wire form is its value: both directions are the one check."""
+    return FieldCodec(enc=check, dec=lambda v, where, _vocab: check(v, where))
+
+
 def uint(hi: int = MAX_UINT, lo: int = 0) -> FieldCodec:
-    return FieldCodec(
-        enc=lambda v, w: as_int(v, w, lo, hi), dec=lambda v, w, _: as_int(v, w, lo, hi)
-    )
+    return same_both_ways(lambda v, where: as_int(v, where, lo, hi))
 
 
 def seconds() -> FieldCodec:
     """A duration: finite, >= 0; the wire carries the float64 as it is."""
-    check = lambda v, w, *_: as_float(v, w, 0.0, math.inf)  # noqa: E731
-    return FieldCodec(enc=check, dec=check)
+    return same_both_ways(lambda v, where: as_float(v, where, 0.0, math.inf))
 
 
 def flag() -> FieldCodec:
-    return FieldCodec(enc=as_bool, dec=lambda v, w, _: as_bool(v, w))
+    return same_both_ways(as_bool)
 
 
 def text(max_len: int = MAX_NAME, nullable: bool = False) -> FieldCodec:
     check = optional(as_str) if nullable else as_str
-    return FieldCodec(enc=lambda v, w: check(v, w, max_len), dec=lambda v, w, _: check(v, w, max_len))
+    return same_both_ways(lambda v, where: check(v, where, max_len))
 
 
 def choice(options: Sequence[str]) -> FieldCodec:
@@ -298,9 +300,9 @@ def _check_sampling(v: Any, where: str) -> dict[str, Any]:
 
 
 def fingerprint() -> FieldCodec:
-    return FieldCodec(enc=_check_fingerprint, dec=lambda v, w, _: _check_fingerprint(v, w))
+    return same_both_ways(_check_fingerprint)
 
 
 def sampling() -> FieldCodec:
-    return FieldCodec(enc=_check_sampling, dec=lambda v, w, _: _check_sampling(v, w))
+    return same_both_ways(_check_sampling)
 

@@ -67,7 +67,9 @@ def pack_frame(
     except Exception as exc:  # a value msgpack cannot carry: a bug on this side
         raise CodecError("bad_message", f"cannot pack message body: {exc}") from exc
     if len(packed) > max_decompressed:
-        raise CodecError("too_large", f"message body of {len(packed)} bytes, limit {max_decompressed}")
+        raise CodecError(
+            "too_large", f"message body of {len(packed)} bytes, limit {max_decompressed}"
+        )
     frame = bytes([TAG_PLAIN]) + packed
     if len(packed) >= COMPRESS_MIN:
         squeezed = _compressor().compress(packed)
@@ -110,8 +112,10 @@ def unpack_frame(
 def inflate(data: bytes, limit: int) -> bytes:
     """The content of exactly one zstd frame, refused past `limit` bytes without inflating more.
 
-    Reads at most limit + 1 bytes out of the stream whatever the header says, then checks the
-    header's content size (when stated) was the truth, and that no bytes follow the frame.
+    Pass one reads at most limit + 1 bytes out of a stream reader whatever the header says.
+    Only then, with the output known to be bounded, pass two runs a decompressobj over the same
+    bytes for what the reader does not tell: did the frame end (not truncated), and did
+    anything follow it. zstd inflates at GB/s, so the second pass costs little.
     """
     if data[:4] != _ZSTD_MAGIC:
         raise CodecError("bad_frame", "zstd frame tag but no zstd magic number")
@@ -121,21 +125,35 @@ def inflate(data: bytes, limit: int) -> bytes:
         raise CodecError("bad_frame", f"bad zstd frame header: {exc}") from exc
     if stated > limit:  # -1 (CONTENTSIZE_UNKNOWN) falls through to the bounded read
         raise CodecError("too_large", f"zstd frame states {stated} bytes, limit {limit}")
+    dctx = _decompressor(limit)
     try:
-        reader = _decompressor(limit).stream_reader(data, read_across_frames=False)
-        with reader:
-            out = reader.read(limit + 1)
-            if len(out) > limit:
-                raise CodecError("too_large", f"zstd frame inflates past {limit} bytes")
-            # the reader stops at the frame's end: anything it produces next came after it
-            if reader.read(1):
-                raise CodecError("bad_frame", "trailing data after the zstd frame")
+        with dctx.stream_reader(data, read_across_frames=False) as reader:
+            out = _read_at_most(reader, limit + 1)
+        if len(out) > limit:
+            raise CodecError("too_large", f"zstd frame inflates past {limit} bytes")
+        check = dctx.decompressobj()
+        check.decompress(data)
     except zstandard.ZstdError as exc:
         raise CodecError("bad_frame", f"corrupt zstd data: {exc}") from exc
+    if not check.eof:
+        raise CodecError("bad_frame", "zstd frame truncated")
+    if check.unused_data:
+        raise CodecError("bad_frame", f"{len(check.unused_data)} bytes after the zstd frame")
     if stated >= 0 and len(out) != stated:
-        # short of the stated size: the frame was cut; the stream reader does not say so itself
-        raise CodecError("bad_frame", f"zstd frame truncated: {len(out)} of {stated} bytes")
+        raise CodecError("bad_frame", f"zstd frame states {stated} bytes but holds {len(out)}")
     return out
+
+
+def _read_at_most(reader: zstandard.ZstdDecompressionReader, n: int) -> bytes:
+    """Up to n bytes from reader; loops because a read may return short of what is left."""
+    chunks, got = [], 0
+    while got < n:
+        chunk = reader.read(n - got)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        got += len(chunk)
+    return b"".join(chunks) if len(chunks) != 1 else chunks[0]
 
 
 def unpack_body(body: bytes, limit: int = MAX_DECOMPRESSED) -> Any:

@@ -84,8 +84,9 @@ class Draft:
     """Edge -> cloud: one round's drafted ids, ids[0] at absolute position pos.
 
     dists: [len(ids)] what each id was sampled from (exact variant, sampling), each holding its
-    id; q_scalar: [len(ids)] q(id) in (0, 1] (paper variant); greedy sends neither.
-    forced: how many leading ids are already decided (0 or 1). flush: verify now, no more coming.
+    id; q_scalar: [len(ids)] q(id) in (0, 1] (paper variant); greedy sends neither. A forced id
+    counts too (a point mass, or 1.0). forced: how many leading ids are already decided (0 or 1).
+    flush: verify now, no more coming. wait: see below (last, so the positional order stays).
     """
 
     epoch: int
@@ -96,6 +97,7 @@ class Draft:
     forced: int = 0
     flush: bool = False
     seq: int = 0
+    wait: bool = False  # the edge has stopped drafting: a block accepted whole earns a bonus token
 
 
 @dataclass(frozen=True)
@@ -239,7 +241,8 @@ _SCHEMAS = (
             epoch=("e", F.uint()), pos=("p", F.uint()), ids=("i", F.id_list(MAX_BLOCK)),
             dists=("d", F.dist_list(MAX_BLOCK)),
             q_scalar=("q", F.prob_list(MAX_BLOCK, lo_open=True)),
-            forced=("f", F.uint(1)), flush=("x", F.flag()), seq=("s", F.uint())),
+            forced=("f", F.uint(1)), flush=("x", F.flag()), seq=("s", F.uint()),
+            wait=("w", F.flag())),
     _schema(Verdict, 6, _check_verdict,
             epoch=("e", F.uint()), pos=("p", F.uint()), accepted=("a", F.uint(MAX_BLOCK)),
             token=("o", F.token_id(nullable=True)), kind=("k", F.choice(VERDICT_KINDS)),
@@ -313,7 +316,9 @@ def _check_version(v: Any) -> None:
         return
     spoken = ", ".join(str(s) for s in SUPPORTED_VERSIONS)
     said = "missing" if v is None else f"{v!r}"[:32]
-    raise CodecError("bad_version", f"protocol version {said} not supported; this side speaks {spoken}")
+    raise CodecError(
+        "bad_version", f"protocol version {said} not supported; this side speaks {spoken}"
+    )
 
 
 def draft_bytes(msg: Message) -> int:

@@ -2,8 +2,9 @@
 
 msgpack spends 3 bytes on an int in [256, 65536) and 5 above; token ids of a 150k vocabulary
 and weights out of 4096 sit right there. LEB128 varints spend 2 bytes below 16384 and 3 below 2M,
-and a run of them travels as one msgpack bin. Everything here is vectorised numpy, so a 32k-id
-prompt or a 64 x 8k-entry draft packs and unpacks without a Python loop per value.
+and a run of them travels as one msgpack bin. Long runs go through vectorised numpy, so a 32k-id
+prompt or a 64 x 8k-entry draft packs and unpacks without a Python loop per value; short runs
+(a greedy Draft's 4 ids) through a plain loop, which beats numpy's per-call overhead there.
 
 Unpacking is defensive: it gets bytes from a stranger and raises CodecError("bad_message").
 """
@@ -18,9 +19,11 @@ from sampling import SparseDist
 # 5 varint bytes carry 35 bits: every id, weight and delta fits, and int64 sums cannot overflow.
 VARINT_MAX_BYTES = 5
 VARINT_LIMIT = 1 << (7 * VARINT_MAX_BYTES)
-# Below this many values (or bytes) a plain loop beats numpy's per-call overhead: a greedy Draft
-# is 4 ids, and ~10 numpy calls would cost more than the rest of encoding it.
-_SMALL = 64
+_SHIFTS = 7 * np.arange(VARINT_MAX_BYTES, dtype=np.int64)
+# Up to this many values (packing) or bytes (unpacking) the plain loop wins: numpy's fixed cost
+# per call would exceed it, and a Draft's ids or dists are mostly this small.
+_SMALL_PACK = 256
+_SMALL_UNPACK = 256
 
 
 def _pack_varints_small(values: list[int]) -> bytes:
@@ -56,25 +59,17 @@ def _unpack_varints_small(data: bytes, where: str) -> list[int]:
 def pack_varints(values: np.ndarray) -> bytes:
     """LEB128 bytes of values: int64[n], each in [0, VARINT_LIMIT). Low 7 bits first."""
     v = np.asarray(values, dtype=np.int64)
-    if v.size == 0:
-        return b""
-    if v.size <= _SMALL:
+    if v.size <= _SMALL_PACK:
         return _pack_varints_small(v.tolist())
     if int(v.min()) < 0 or int(v.max()) >= VARINT_LIMIT:
         raise CodecError("bad_message", "varint value out of range")  # callers check first
-    nbytes = np.ones(v.shape, dtype=np.int64)
-    for k in range(1, VARINT_MAX_BYTES):
-        nbytes += v >= (1 << (7 * k))
-    starts = np.cumsum(nbytes) - nbytes
-    out = np.empty(int(nbytes.sum()), dtype=np.uint8)
-    for k in range(VARINT_MAX_BYTES):
-        has = nbytes > k
-        if not has.any():
-            break
-        group = (v[has] >> (7 * k)) & 0x7F
-        more = (nbytes[has] > k + 1).astype(np.int64) << 7  # continuation bit
-        out[starts[has] + k] = group | more
-    return out.tobytes()
+    groups = (v[:, None] >> _SHIFTS) & 0x7F  # [n, 5], low group first
+    nbytes = 1 + (v[:, None] >= (1 << _SHIFTS[1:])).sum(axis=1)  # [n]
+    slot = np.arange(VARINT_MAX_BYTES)
+    more = slot < (nbytes - 1)[:, None]  # continuation bit on all but a value's last byte
+    used = slot < nbytes[:, None]
+    # boolean indexing walks the [n, 5] grid row by row: values stay in order
+    return (groups | (more.astype(np.int64) << 7))[used].astype(np.uint8).tobytes()
 
 
 def unpack_varints(data: bytes, where: str) -> np.ndarray:
@@ -82,7 +77,7 @@ def unpack_varints(data: bytes, where: str) -> np.ndarray:
 
     Non-minimal encodings (a trailing 0x00 group) are refused so each value has one spelling.
     """
-    if len(data) <= _SMALL:
+    if len(data) <= _SMALL_UNPACK:
         return np.array(_unpack_varints_small(data, where), dtype=np.int64)
     b = np.frombuffer(data, dtype=np.uint8)
     ends = np.flatnonzero(b < 0x80)
@@ -127,11 +122,13 @@ def check_dist(ids: np.ndarray, weights: np.ndarray, where: str, vocab_size: int
         raise bad_message(where, f"{n} ids but {len(weights)} weights")
     if not 1 <= n <= MAX_SUPPORT:
         raise bad_message(where, f"support of {n} entries, allowed 1..{MAX_SUPPORT}")
-    top = MAX_VOCAB if vocab_size is None else vocab_size
-    if int(ids.min()) < 0 or int(ids.max()) >= top:
-        raise bad_message(where, f"id outside [0, {top})")
-    if n > 1 and bool(np.any(ids[1:] <= ids[:-1])):
+    # ascending first: then the range check is two lookups, not two passes (this runs per
+    # drafted token, on the Pi too)
+    if n > 1 and int(np.diff(ids).min()) < 1:
         raise bad_message(where, "ids must be strictly ascending")
+    top = MAX_VOCAB if vocab_size is None else vocab_size
+    if int(ids[0]) < 0 or int(ids[-1]) >= top:
+        raise bad_message(where, f"id outside [0, {top})")
     if int(weights.min()) < 1 or int(weights.max()) > MAX_WEIGHT:
         raise bad_message(where, f"weight outside [1, {MAX_WEIGHT}]")
 
@@ -163,10 +160,9 @@ def unpack_dists(data: bytes, where: str, vocab_size: int | None) -> list[Sparse
         end = p + 1 + 2 * n
         if end > len(values):
             raise bad_message(where, "distribution runs past the end of its bytes")
-        gaps = values[p + 1 : p + 1 + n]
-        if n > 1 and int(gaps[1:].min()) < 1:
-            raise bad_message(where, "ids must be strictly ascending")
-        ids = np.cumsum(gaps)  # < n * VARINT_LIMIT = 2**49: no int64 overflow
+        # gaps < VARINT_LIMIT and n <= MAX_SUPPORT: the running sum stays far inside int64;
+        # a zero gap (ids not ascending) is caught by check_dist
+        ids = np.cumsum(values[p + 1 : p + 1 + n])
         weights = values[p + 1 + n : end].copy()
         check_dist(ids, weights, f"{where}[{len(dists)}]", vocab_size)
         dists.append(SparseDist(ids, weights))

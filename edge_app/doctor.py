@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import inspect
 import json
 import math
 import os
@@ -133,8 +132,8 @@ def parse_system_info(text: str) -> dict[str, str]:
 
 
 def llama_cpp_section(python: str = sys.executable) -> dict:
-    """Ask a child interpreter: a llama.cpp built for another CPU dies of SIGILL on import, and
-    that must not take the doctor down with it."""
+    """Ask a child interpreter: a llama.cpp built for another CPU can die (SIGILL) as soon as it
+    is loaded, and that must not take the doctor down with it."""
     try:
         done = subprocess.run([python, "-c", _LLAMA_PROBE], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as exc:
@@ -191,27 +190,38 @@ def _cache_dir() -> Path:
         return Path(explicit) if explicit else base / "picospec"
 
 
-def models_section() -> dict:
-    """`models.describe_models()` when it exists and can be asked without joining or
-    downloading; otherwise what lies in the cache directory."""
+# Run in a child: describing a transformers-directory target imports transformers, which must never
+# enter an edge process; the child also cannot join or fetch (join=False, fetch=False), and a
+# describe_models whose signature cannot promise that is not called at all (exit 3).
+_MODELS_PROBE = """
+import inspect, json, sys
+sys.path[:] = [p for p in sys.path if p]  # not the working directory: PYTHONPATH decides
+try:
+    from models.cli import describe_models as describe
+except ImportError:
+    from models import describe_models as describe
+params = inspect.signature(describe).parameters
+if 'join' not in params:
+    sys.exit(3)
+print(json.dumps(describe(**{k: False for k in ('join', 'fetch') if k in params}), default=str))
+"""
+
+
+def models_section(python: str = sys.executable) -> dict:
+    """`models.describe_models(join=False, fetch=False)` when it can be asked that way; otherwise
+    what lies in the cache directory."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [p for p in (os.environ.get("PYTHONPATH"), *sys.path) if p])}
     try:
-        describe = getattr(importlib.import_module("models"), "describe_models", None)
-    except Exception as exc:
-        describe, why = None, f"models package unavailable: {exc}"
-    else:
-        why = "models.describe_models() not available"
-    if describe is not None:
-        params = inspect.signature(describe).parameters
-        kwargs = {name: False for name in ("join", "download", "fetch", "ensure") if name in params}
-        required = [p for name, p in params.items() if p.default is p.empty and name not in kwargs
-                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-        if not required:
-            try:
-                return {"described": describe(**kwargs)}
-            except Exception as exc:
-                why = f"models.describe_models() failed: {type(exc).__name__}: {exc}"
-        else:
-            why = "models.describe_models() needs arguments; not called"
+        done = subprocess.run([python, "-c", _MODELS_PROBE], capture_output=True, text=True,
+                              timeout=120, env=env)
+        if done.returncode == 0:
+            return {"described": json.loads(done.stdout.strip().splitlines()[-1])}
+        why = ("models.describe_models() cannot promise not to join; not called" if done.returncode == 3
+               else "models.describe_models() unavailable: "
+               + (done.stderr.strip().splitlines() or ["?"])[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as exc:
+        why = f"models.describe_models() failed: {exc}"
     cache = _cache_dir()
     files = sorted(p for p in cache.rglob("*") if p.is_file()) if cache.is_dir() else []
     return {"note": why, "cache_dir": str(cache), "exists": cache.is_dir(),
@@ -267,7 +277,7 @@ def collect(rtt_ms: float | None = None, draft_ms: float | None = None,
     notes = []
     if (memory["available_mib"] or 1e9) < 1024:
         notes.append("under 1 GiB available: the default draft needs ~0.6 GiB RSS")
-    if report["gpu"]["jetson"]:
+    if report["gpu"]["jetson"] and not report["llama_cpp"].get("gpu_offload"):
         notes.append("Jetson: build llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on and offload the "
                      "draft (n_gpu_layers=-1)")
     report["recommendations"] = {"threads": threads, "threads_reason": why, "notes": notes,
@@ -313,8 +323,10 @@ def render(report: dict) -> str:
     for s in report["energy_sensors"]:
         lines.append(f"energy   {s['source']:<15} {'yes' if s['available'] else 'no '} {s['detail']}")
     models = report["models"]
-    lines.append(f"models   {json.dumps(models['described'], default=str)[:300]}" if "described" in models
-                 else f"models   cache {models['cache_dir']}: {len(models['files'])} file(s) ({models['note']})")
+    if "described" in models:
+        lines += [f"models   {line}" for line in _model_lines(models["described"])]
+    else:
+        lines.append(f"models   cache {models['cache_dir']}: {len(models['files'])} file(s) ({models['note']})")
     lines.append(f"threads  {rec['threads']} ({rec['threads_reason']})")
     if "mode" in rec:
         rates = ", ".join(f"{k} {v:.2f}" for k, v in rec["modelled_tok_s"].items())
@@ -326,6 +338,22 @@ def render(report: dict) -> str:
     lines += [f"  assumed {k} = {v}" for k, v in rec["assumed"].items()]
     lines += [f"note     {n}" for n in rec["notes"]]
     return "\n".join(lines)
+
+
+def _model_lines(described: Any) -> list[str]:
+    if not isinstance(described, dict):
+        return [json.dumps(described, default=str)[:200]]
+    lines = []
+    for role in ("draft", "target"):
+        e = described.get(role)
+        if isinstance(e, dict):
+            size = f", {e['size_bytes'] / 1e6:.0f} MB" if e.get("size_bytes") else ""
+            lines.append(f"{role}: {e.get('name') or e.get('path')}{size}, checksum {e.get('checksum')}, "
+                         f"ready {'yes' if e.get('ready') else 'no'}" + (f" ({e['error']})" if e.get("error") else ""))
+    if "compatible" in described:
+        lines.append(f"tokenizers {'compatible' if described['compatible'] else 'NOT compatible'}: "
+                     f"{described.get('reason')}")
+    return lines
 
 
 def _mib(value: float | None) -> str:

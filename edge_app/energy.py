@@ -1,19 +1,16 @@
 """Energy on the edge device: a real sensor where the device has one, a labelled estimate only
 from power figures the user supplies, and otherwise "not measured". Never a made-up figure.
 
-Sources, each reader taking a filesystem root (tests point it at fixture trees):
-- "rapl": Intel/AMD RAPL package counters, /sys/class/powercap/intel-rapl:N/energy_uj.
-- "nvml": NVIDIA GPU energy counter (or power samples) through pynvml, if importable.
-- "jetson-ina3221": Jetson INA3221 power rails, /sys/bus/i2c/drivers/ina3221*/.../hwmon*.
-- "rpi5-pmic": Raspberry Pi 5 PMIC rails from `vcgencmd pmic_read_adc`.
+Sources (each reader takes a filesystem root, so tests point it at fixture trees):
+"rapl" (Intel/AMD package counters in /sys/class/powercap), "nvml" (NVIDIA GPU, via pynvml if
+importable), "jetson-ina3221" (Jetson power rails in sysfs), "rpi5-pmic" (`vcgencmd pmic_read_adc`).
 
-Why our own readers rather than zeus (zeus-ml on PyPI), which does cover RAPL, NVML, Jetson and,
-in recent versions, the Pi 5 PMIC: it depends on pandas, scikit-learn, pydantic, rich, tyro, httpx,
-amdsmi and nvidia-ml-py, hundreds of MB to build or fetch on a Pi for four sysfs/command readers
-of a few lines each; it polls in a spawned process per monitor; and its Jetson reader looks only
-under the older `ina3221x` driver directory. The PMIC and INA3221 facts used here (rails without a
-current channel are skipped; vcgencmd costs ~20+ ms a read, so poll at a few Hz) agree with its
-notes and with the Linux hwmon documentation of the ina3221 driver.
+Why our own readers rather than zeus (zeus-ml), which covers RAPL, NVML, Jetson and, lately, the
+Pi 5 PMIC: it depends on pandas, scikit-learn, pydantic, rich, tyro, httpx, amdsmi and
+nvidia-ml-py (hundreds of MB to build or fetch on a Pi) for readers of a few lines each; it polls
+in a spawned process per monitor; and its Jetson reader looks only under the older `ina3221x`
+driver. Its notes agree with the facts used here: PMIC rails without a current channel are
+skipped, and a vcgencmd read costs ~20+ ms, so the PMIC is polled at a few Hz.
 """
 from __future__ import annotations
 
@@ -292,9 +289,9 @@ SOURCE_ORDER = ("jetson-ina3221", "rpi5-pmic", "rapl", "nvml")
 def probe_all(root: str | Path = "/", runner: Runner | None = None,
               nvml: Any = None) -> list[tuple[str, Any, str]]:
     """(source, sensor or None, scope or the reason it is unavailable), in SOURCE_ORDER."""
-    probes = {"jetson-ina3221": lambda: probe_jetson(root), "rpi5-pmic": lambda: probe_rpi5(runner),
-              "rapl": lambda: probe_rapl(root), "nvml": lambda: probe_nvml(nvml)}
-    return [(name, *probes[name]()) for name in SOURCE_ORDER]
+    found = {"jetson-ina3221": probe_jetson(root), "rpi5-pmic": probe_rpi5(runner),
+             "rapl": probe_rapl(root), "nvml": probe_nvml(nvml)}
+    return [(name, *found[name]) for name in SOURCE_ORDER]
 
 
 def sensor_report(root: str | Path = "/", runner: Runner | None = None, nvml: Any = None) -> list[dict]:
@@ -434,11 +431,11 @@ def joules_per_token(result: dict | None, tokens: int) -> float | None:
 
 
 def add_power_arguments(parser: argparse.ArgumentParser) -> None:
-    """--idle-watts/--busy-watts/--cores, for commands that report energy (bench, chat)."""
+    """--idle-watts/--busy-watts/--busy-cores, for commands that report energy (bench, chat)."""
     parser.add_argument("--idle-watts", type=float, help="device power at idle, for an energy "
                         "estimate where no sensor exists (needs --busy-watts)")
     parser.add_argument("--busy-watts", type=float, help="device power with every core busy")
-    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+    parser.add_argument("--busy-cores", type=int, default=os.cpu_count() or 1,
                         help="cores that --busy-watts was measured with (default: all)")
 
 
@@ -449,4 +446,4 @@ def figures_from_args(args: argparse.Namespace) -> PowerFigures | None:
         return None
     if idle is None or busy is None:
         raise ValueError("--idle-watts and --busy-watts go together")
-    return PowerFigures(idle, busy, args.cores)
+    return PowerFigures(idle, busy, args.busy_cores)

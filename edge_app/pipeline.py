@@ -137,7 +137,7 @@ class Pipeline:
 
     # -- public ------------------------------------------------------------------------------
     async def run(self, prompt_ids: list[int]) -> Answer:
-        t0 = time.perf_counter()
+        t0 = self.t0 = time.perf_counter()
         self.meters.start()
         self.committed = list(prompt_ids)
         self.n_prompt = len(prompt_ids)
@@ -166,7 +166,7 @@ class Pipeline:
         before = len(self.committed) - self.n_prompt
         self.committed += new
         if self.stats.ttft_s is None:
-            self.stats.ttft_s = time.perf_counter() - self.meters.t_start
+            self.stats.ttft_s = time.perf_counter() - self.t0
             self.meters.mark_first_token()
         generated, reason = finish(self.committed[self.n_prompt:], self.opt.max_new_tokens, self.opt.stop_ids)
         visible = generated[before:]
@@ -311,11 +311,10 @@ class Pipeline:
     def _measure(self, msg) -> None:
         sent_at = self.send_times.pop(msg.seq, None)
         est = self.estimates
+        self.stats.verify_s.append(msg.verify_s)
         est["t_verify"] = Ema(0.3, est.get("t_verify")).add(msg.verify_s)
         if sent_at is not None:
             est["t_rtt"] = Ema(0.3, est.get("t_rtt")).add(max(0.0, time.perf_counter() - sent_at - msg.verify_s))
-        if "t_draft" in self.meters.phases_mean():
-            est["t_draft"] = self.meters.phases_mean()["draft"]
         verified = self.stats.accepted + self.stats.rejected
         if verified >= 4:
             est["a"] = self.stats.accepted / verified
@@ -344,8 +343,12 @@ class Pipeline:
         return token, dist
 
     async def _drafter_call(self, phase: str, fn, *args):
+        t0 = time.perf_counter()
         with self.meters.phase(phase):
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+            result = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        if phase == "draft":
+            self.estimates["t_draft"] = Ema(0.2, self.estimates.get("t_draft")).add(time.perf_counter() - t0)
+        return result
 
 
 def _point(token: int) -> SparseDist:

@@ -10,6 +10,10 @@ class ModelError(Exception):
 class MissingPartsError(ModelError):
     """The PyPI packages that carry a default model's chunks are not installed (or wrong version)."""
 
+    def __init__(self, message: str, missing: list[str] | None = None):
+        super().__init__(message)
+        self.missing = list(missing or [])  # pinned requirements, ready for pip
+
 
 class ChecksumError(ModelError):
     """A file's size or sha256 is not what the registry promises."""

@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from .errors import ModelError
-from .gguf_meta import read_metadata
+from .gguf_meta import GGUFMetadata, read_metadata
 
 # Fillers appended by conversions: "[PAD123]" (llama.cpp), "<|PAD_TOKEN|>", "<pad_7>", "<|pad|>".
 _FILLER = re.compile(r"^(\[PAD\d+\]|<\|?pad(_?token)?(_?\d+)?\|?>)$", re.IGNORECASE)
 
 # GGUF keys the fingerprint never needs: skipping them roughly halves the read time.
-_UNUSED_TOKENIZER_KEYS = ("tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+UNUSED_TOKENIZER_KEYS = ("tokenizer.ggml.merges", "tokenizer.ggml.token_type",
                           "tokenizer.ggml.scores", "tokenizer.chat_template")
 
 
@@ -98,13 +98,21 @@ def from_tokens(tokens: Sequence[str | None], vocab_size: int | None = None,
     )
 
 
-def from_gguf(path: str | os.PathLike[str]) -> Fingerprint:
-    """Fingerprint of the tokenizer embedded in a GGUF file (stdlib only, well under a second)."""
-    meta = read_metadata(path, skip=_UNUSED_TOKENIZER_KEYS)
+def read_gguf_for_fingerprint(path: str | os.PathLike[str]) -> GGUFMetadata:
+    """The GGUF metadata without the keys a fingerprint never needs (about half the read time)."""
+    return read_metadata(path, skip=UNUSED_TOKENIZER_KEYS)
+
+
+def from_metadata(meta: GGUFMetadata) -> Fingerprint:
     tokens = meta.tokens
     if not tokens:
-        raise ModelError(f"{path}: the GGUF has no embedded tokenizer (tokenizer.ggml.tokens)")
+        raise ModelError(f"{meta.path}: the GGUF has no embedded tokenizer (tokenizer.ggml.tokens)")
     return from_tokens(tokens, meta.vocab_size, meta.bos_id, meta.eos_id)
+
+
+def from_gguf(path: str | os.PathLike[str]) -> Fingerprint:
+    """Fingerprint of the tokenizer embedded in a GGUF file (stdlib only, well under a second)."""
+    return from_metadata(read_gguf_for_fingerprint(path))
 
 
 def _first_id(value: Any) -> int | None:

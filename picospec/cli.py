@@ -12,6 +12,10 @@ SUBCOMMANDS = {
     "serve": "cloud.cli",
     "models": "models.cli",
     "doctor": "edge_app.doctor",
+    "bench": "bench.cli",
+    "chat": "edge_app.repl",
+    "demo": "edge_app.demo",
+    "edge-serve": "edge_app.openai_server",
 }
 
 

@@ -87,11 +87,12 @@ def test_rapl_meter_sums_polled_increments_so_two_wraps_are_not_lost(tmp_path):
     sensor, _ = probe_rapl(tmp_path)
     meter = EnergyMeter(sensor, poll_s=3600)
     meter.start()
-    set_rapl(tmp_path, 0, MAX_UJ - 1_000_000)  # a whole lap later
-    meter._sample()  # what the polling thread does every poll_s
-    set_rapl(tmp_path, 0, 500_000)
+    for energy_uj in (1_000_000, MAX_UJ - 1_000_000):  # wrapped, then most of a lap more
+        set_rapl(tmp_path, 0, energy_uj)
+        meter._sample()  # what the polling thread does every poll_s
+    set_rapl(tmp_path, 0, 1_000_000)  # wrapped again: start and stop alone would say 2 J
     result = meter.stop()
-    assert result["joules"] == pytest.approx((MAX_UJ + 1_500_000) / 1e6)
+    assert result["joules"] == pytest.approx(2.0 + (MAX_UJ - 2_000_000) / 1e6 + 2.0)
 
 
 def test_rapl_unreadable_counter_is_reported_not_guessed(tmp_path):
@@ -302,7 +303,7 @@ def test_power_figures_and_flags_are_checked():
     parser = argparse.ArgumentParser()
     energy.add_power_arguments(parser)
     assert energy.figures_from_args(parser.parse_args([])) is None
-    figures = energy.figures_from_args(parser.parse_args(["--idle-watts", "2", "--busy-watts", "6", "--cores", "4"]))
+    figures = energy.figures_from_args(parser.parse_args(["--idle-watts", "2", "--busy-watts", "6", "--busy-cores", "4"]))
     assert figures == PowerFigures(2.0, 6.0, 4)
     with pytest.raises(ValueError):
         energy.figures_from_args(parser.parse_args(["--idle-watts", "2"]))

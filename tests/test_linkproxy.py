@@ -81,6 +81,13 @@ async def ping(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, size:
     return elapsed
 
 
+async def best_rtt(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> float:
+    """Fastest of 3 pings after a warm-up: robust to a busy scheduler for the upper bound, and
+    still a strict lower bound (if the fastest ping took >= 2 x delay, they all did)."""
+    await ping(reader, writer)
+    return min([await ping(reader, writer) for _ in range(3)])
+
+
 async def sees_eof_or_reset(reader: asyncio.StreamReader) -> bool:
     try:
         return await asyncio.wait_for(reader.read(1024), 3) == b""
@@ -170,11 +177,9 @@ def test_per_direction_delay_and_live_update() -> None:
     async def body() -> None:
         async with proxied_echo(LinkConfig(delay_up_ms=10, delay_down_ms=50)) as proxy:
             reader, writer = await connect(proxy)
-            rtt = await ping(reader, writer)
-            assert 0.060 <= rtt < 0.060 + SLACK_S
+            assert 0.060 <= await best_rtt(reader, writer) < 0.060 + SLACK_S
             proxy.update(LinkConfig())
-            rtt = await ping(reader, writer)
-            assert rtt < SLACK_S
+            assert await best_rtt(reader, writer) < SLACK_S
             writer.close()
     asyncio.run(body())
 
@@ -230,7 +235,7 @@ def test_loss_adds_retransmission_penalty() -> None:
             rtt = await ping(reader, writer)
             assert rtt >= 2 * 0.2  # both directions pay one RTO
             proxy.update(LinkConfig(loss=0.0))
-            assert await ping(reader, writer) < SLACK_S
+            assert await best_rtt(reader, writer) < SLACK_S
             writer.close()
     asyncio.run(body())
 
@@ -347,6 +352,11 @@ def threaded_echo() -> Iterator[int]:
         server.server_close()
 
 
+def sync_best_rtt(sock: socket.socket) -> float:
+    sync_ping(sock)  # warm-up: the echo server spawns a thread per connection
+    return min(sync_ping(sock) for _ in range(3))
+
+
 def sync_ping(sock: socket.socket, payload: bytes = b"ping") -> float:
     t0 = time.monotonic()
     sock.sendall(payload)
@@ -365,15 +375,15 @@ def test_threaded_proxy_for_sync_code() -> None:
         assert link.url_for("/v1/verify") == f"http://{HOST}:{link.port}/v1/verify"
         assert link.url_for("ws", scheme="ws") == f"ws://{HOST}:{link.port}/ws"
         with socket.create_connection((HOST, link.port), timeout=5) as sock:
-            assert 0.040 <= sync_ping(sock) < 0.040 + SLACK_S
+            assert 0.040 <= sync_best_rtt(sock) < 0.040 + SLACK_S
             link.update(LinkConfig())
-            assert sync_ping(sock) < SLACK_S
+            assert sync_best_rtt(sock) < SLACK_S
             link.drop_connections()
             try:
                 assert sock.recv(1024) == b""
             except ConnectionResetError:
                 pass
-        assert link.connections == 1 and link.bytes_up == 8
+        assert link.connections == 1 and link.bytes_up == 8 * 4
         link.set_blackhole(True)
         link.set_blackhole(False)
         with socket.create_connection((HOST, link.port), timeout=5) as sock:

@@ -1,0 +1,94 @@
+"""The benchmark's figure: speedup over cloud-only against RTT, and per-token latency per mode.
+
+matplotlib is imported here only (the `bench` extra), with the Agg backend: no display needed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.report import MODE_ORDER
+
+STYLE = {  # mode -> (colour, line style, label suffix)
+    "cloud": ("#555555", "-", " (target alone)"),
+    "sync": ("#1f77b4", "-", " (vanilla speculative)"),
+    "pipeline": ("#d62728", "-", " (PicoSpec)"),
+    "hf-assisted": ("#2ca02c", "--", " (co-located, no network)"),
+    "edge": ("#9467bd", ":", " (draft alone, NOT target quality)"),
+}
+
+
+def speedup_series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """mode -> [(rtt_ms, speedup vs cloud)], sorted by rtt (rows without a ratio are skipped)."""
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["speedup_vs_cloud"] is not None:
+            out.setdefault(r["mode"], []).append((r["rtt_ms"], r["speedup_vs_cloud"]))
+    return {m: sorted(v) for m, v in out.items()}
+
+
+def bound_series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """mode -> [(rtt_ms, modelled bound / measured cloud-only rate)] for sync and pipeline."""
+    cloud = {r["rtt_ms"]: r["tokens_per_s"] for r in rows if r["mode"] == "cloud"}
+    out: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["bound_tokens_per_s"] and cloud.get(r["rtt_ms"]):
+            out.setdefault(r["mode"], []).append((r["rtt_ms"], r["bound_tokens_per_s"] / cloud[r["rtt_ms"]]))
+    return {m: sorted(v) for m, v in out.items()}
+
+
+def latency_groups(records: list[dict], modes: list[str]) -> list[tuple[str, list[float]]]:
+    """(label, per-token latencies in ms) per mode and RTT, in MODE_ORDER."""
+    groups: dict[tuple[str, float | None], list[float]] = {}
+    for r in records:
+        groups.setdefault((r["mode"], r.get("rtt_ms")), []).extend(x * 1e3 for x in r.get("tpot_s") or [])
+    order = {m: i for i, m in enumerate(MODE_ORDER)}
+    keys = sorted((k for k in groups if k[0] in modes and groups[k]),
+                  key=lambda k: (order.get(k[0], 99), k[1] if k[1] is not None else -1))
+    return [(f"{m}\n{'no link' if rtt is None else f'{rtt:g} ms'}", groups[(m, rtt)]) for m, rtt in keys]
+
+
+def plot(rows: list[dict], records: list[dict], out: Path, title: str = "") -> Path:
+    """Write a two-panel PNG: speedup vs RTT (measured, and the model's bound dotted) and latency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.15]})
+    for mode, points in speedup_series(rows).items():
+        colour, ls, suffix = STYLE.get(mode, ("black", "-", ""))
+        xs, ys = zip(*points)
+        ax1.plot(xs, ys, ls, marker="o", color=colour, label=mode + suffix)
+    for mode, points in bound_series(rows).items():
+        colour = STYLE.get(mode, ("black",))[0]
+        xs, ys = zip(*points)
+        ax1.plot(xs, ys, ":", marker="x", color=colour, alpha=0.7, label=f"{mode}: modelled bound")
+    ax1.axhline(1.0, color="#999999", lw=0.8)
+    ax1.set_xlabel("round-trip time (ms)")
+    ax1.set_ylabel("speedup over cloud-only (tokens/s ratio)")
+    ax1.set_title("Throughput vs network RTT")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8, loc="best")
+
+    groups = latency_groups(records, [r["mode"] for r in rows])
+    if groups:
+        labels, data = zip(*groups)
+        box = ax2.boxplot(data, whis=(5, 95), showfliers=False, patch_artist=True)
+        ax2.set_xticks(range(1, len(labels) + 1), labels, fontsize=8)
+        for patch, label in zip(box["boxes"], labels):
+            patch.set_facecolor(STYLE.get(label.split("\n")[0], ("#cccccc",))[0])
+            patch.set_alpha(0.45)
+        ax2.set_yscale("log")
+        ax2.yaxis.set_major_formatter(ScalarFormatter())
+        ax2.yaxis.set_minor_formatter(ScalarFormatter())
+    ax2.set_ylabel("per-token latency (ms, log scale)")
+    ax2.set_title("Per-token latency (box: p25-p75, whiskers: p5-p95)")
+    ax2.grid(alpha=0.3, axis="y")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -1,0 +1,381 @@
+"""`picospec chat`: a terminal chat with the target model, drafted on this device.
+
+Each turn re-sends the whole conversation in the model's chat template over one EdgeClient; the
+drafter and the verifier both keep the prefix they already hold, so only the new turn is prefilled.
+Committed (verified) text streams as verdicts arrive. On a real terminal the drafted-but-unverified
+tail is shown dim after it and overwritten when the next verdict lands.
+
+The event loop runs on a background thread for the whole chat, so the WebSocket keeps answering the
+verifier's heartbeats while the user is typing; the main thread does input() (readline) and, while
+an answer runs, turns Ctrl-C into a cancel of the generation task.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+from edge_app.terminal import DIM, RESET, StreamView, fancy_terminal
+from picospec.common_args import add_edge_arguments, add_sampling_arguments
+
+EDGE_LABEL = "[edge only — draft model, not target quality]"
+CLOUD_DOWN = ("unreachable", "disconnected", "timeout")  # CloudError codes that mean "no cloud now"
+PROMPT = "you> "
+HELP = """commands:
+  /help                      this list
+  /stats                     acceptance, tokens/s, bytes, latency of the last turn and the chat
+  /mode pipeline|sync|cloud|edge   how answers are made (edge = draft only, not target quality)
+  /temp X                    sampling temperature (0 = greedy)
+  /system TEXT               set the system prompt (/system alone shows it)
+  /reset                     forget the conversation (keeps the system prompt)
+  /save FILE                 write the conversation and its stats as JSON
+  /quit                      leave (Ctrl-D too); Ctrl-C stops an answer, at the prompt it leaves"""
+
+
+def register(sub) -> None:
+    p = sub.add_parser("chat", help="chat in the terminal: verified text streams as it is committed")
+    p.add_argument("--system", default=None, help="a system prompt")
+    p.add_argument("--plain", action="store_true", help="no colours or speculative text even on a terminal")
+    add_sampling_arguments(p)
+    add_edge_arguments(p)
+    p.set_defaults(func=run, max_new_tokens=256)
+
+
+# -- numbers ---------------------------------------------------------------------------------
+def _num(x, fmt: str = ".2f", none: str = "-") -> str:
+    return none if x is None else format(x, fmt)
+
+
+def footer(stats: dict) -> str:
+    """One line after each answer: mode, tokens, speed, acceptance, TTFT."""
+    parts = [stats["mode"], f"{stats['new_tokens']} tokens", f"{_num(stats['tokens_per_s'], '.1f')} tok/s"]
+    if stats.get("acceptance_rate") is not None:
+        parts.append(f"acceptance {stats['acceptance_rate']:.2f}")
+    parts.append(f"TTFT {_num(stats['ttft_s'])} s")
+    return "[" + " · ".join(parts) + "]"
+
+
+def format_stats(last: dict | None, turns: list[dict]) -> str:
+    """/stats: the last turn, the whole chat, and the edge meters of the last turn."""
+    from picospec.api import merge_stats
+
+    if last is None:
+        return "no answers yet"
+    total = merge_stats(turns)
+    lines = [
+        f"last turn:  {last['mode']}, {last['new_tokens']} tokens in {last['wall_s']:.2f} s = "
+        f"{_num(last['tokens_per_s'], '.2f')} tok/s, TTFT {_num(last['ttft_s'])} s, acceptance "
+        f"{_num(last['acceptance_rate'])} ({last['accepted']}/{last['accepted'] + last['rejected']} drafts), "
+        f"{last['bytes_up']} B up / {last['bytes_down']} B down",
+        f"this chat:  {len(turns)} answers, {total['new_tokens']} tokens, {_num(total['tokens_per_s'], '.2f')} tok/s, "
+        f"acceptance {_num(total['acceptance_rate'])}, {total['bytes_up']} B up / {total['bytes_down']} B down"
+        f" ({_num(total['bytes_up_per_token'], '.0f')} / {_num(total['bytes_down_per_token'], '.0f')} B per token)",
+    ]
+    edge = last.get("edge") or {}
+    if edge:
+        phases = ", ".join(f"{k} {v:.2f} s" for k, v in edge.get("phases_s", {}).items() if v > 0)
+        tpot = edge.get("tpot_ms") or {}
+        lines.append(f"edge meters: {phases}; TPOT p50 {_num(tpot.get('p50'), '.0f')} ms, p95 "
+                     f"{_num(tpot.get('p95'), '.0f')} ms; CPU {_num(edge.get('cpu_s'))} s; "
+                     f"peak RSS {_num(edge.get('peak_rss_mib'), '.0f')} MiB")
+    return "\n".join(lines)
+
+
+def parse_command(line: str) -> tuple[str, str]:
+    """'/temp 0.7' -> ('temp', '0.7')."""
+    name, _, arg = line[1:].strip().partition(" ")
+    return name.lower(), arg.strip()
+
+
+# -- the event loop on its own thread --------------------------------------------------------
+class LoopThread:
+    """An asyncio loop on a daemon thread; call() runs a coroutine there and waits for it."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="picospec-chat-loop")
+        self.thread.start()
+
+    def call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def call_interruptible(self, coro) -> tuple[object, bool]:
+        """(result, interrupted): Ctrl-C meanwhile cancels the task instead of raising here."""
+        state: dict = {"task": None, "cancel": False}
+
+        def cancel() -> None:
+            state["cancel"] = True
+            if state["task"] is not None:
+                state["task"].cancel()
+
+        async def guarded():
+            task = state["task"] = asyncio.ensure_future(coro)
+            if state["cancel"]:
+                task.cancel()
+            try:
+                return await task, False
+            except asyncio.CancelledError:
+                if task.cancelled():
+                    return None, True
+                raise
+
+        future = asyncio.run_coroutine_threadsafe(guarded(), self.loop)
+        previous = signal.signal(signal.SIGINT, lambda *_: self.loop.call_soon_threadsafe(cancel))
+        try:
+            return future.result()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
+async def start_client(client) -> None:
+    """Start the edge; from then on one worker thread runs every drafter call, so a call left
+    running by a cancelled answer finishes before the next answer's first call starts."""
+    await client.start()
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(1, thread_name_prefix="picospec-drafter"))
+
+
+async def drop_session(client) -> None:
+    """Forget the verifier session after an interrupted or failed answer: the cloud may still be
+    working on it (cloud-only generation runs to its end), so the next turn starts a fresh one."""
+    if client.link is not None:
+        await client.link.close()
+        client.link = None
+
+
+# -- the chat --------------------------------------------------------------------------------
+class Chat:
+    """The conversation, the settings, and one answer per user line."""
+
+    def __init__(self, client, runner: LoopThread, options, system: str | None, interactive: bool,
+                 ansi: bool, out=sys.stdout):
+        self.client, self.runner, self.options = client, runner, options
+        self.system = system
+        self.turns: list[dict] = []  # user and assistant messages, in order
+        self.stats: list[dict] = []
+        self.interactive, self.ansi, self.out = interactive, ansi, out
+        self.terminal = out.isatty()
+        self.cloud_down = False
+
+    def say(self, text: str, dim: bool = False) -> None:
+        self.out.write((f"{DIM}{text}{RESET}" if dim and self.ansi else text) + "\n")
+        self.out.flush()
+
+    def info(self, text: str) -> None:
+        """Notes for the person: stdout on a terminal, stderr when stdout is a pipe."""
+        if self.interactive:
+            self.say(text, dim=True)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def messages(self) -> list[dict]:
+        return ([{"role": "system", "content": self.system}] if self.system else []) + self.turns
+
+    def loop(self) -> None:
+        while True:
+            try:
+                line = input(PROMPT if self.interactive else "")
+            except (EOFError, KeyboardInterrupt):
+                if self.interactive:
+                    self.out.write("\n")
+                return
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if not self.command(*parse_command(line)):
+                    return
+            else:
+                self.answer(line)
+
+    # -- one answer --------------------------------------------------------------------------
+    def answer(self, text: str) -> None:
+        from edge_app.drafter import ContextFullError
+        from edge_app.link import CloudError
+
+        self.turns.append({"role": "user", "content": text})
+        ids = self.client.encode_chat(self.messages())
+        edge = self.options.mode == "edge"
+        if edge:
+            self.say(EDGE_LABEL, dim=True)
+        view = StreamView(self.client.decode, self._write, self.ansi, self.terminal)
+        try:
+            answer, interrupted = self.runner.call_interruptible(self.client.generate_ids(ids, self.options, view))
+        except CloudError as err:
+            view.finish()
+            self.runner.call(drop_session(self.client))
+            self.turns.pop()
+            if err.code in CLOUD_DOWN and not edge:
+                self.say("")
+                self._cloud_lost(err.message)
+                self.answer(text)
+            else:
+                self.say(f"\nthe verifier refused: {err}")
+            return
+        except ContextFullError as err:
+            view.finish()
+            self.turns.pop()
+            self.say(f"\n{err}; /reset starts a new conversation")
+            return
+        reply = view.finish()
+        if interrupted:
+            self.runner.call(drop_session(self.client))
+            self.say("\n[interrupted]", dim=True)
+        else:
+            self.say("")
+            self.stats.append(answer.stats.to_dict())
+            if self.interactive:
+                self.say(footer(self.stats[-1]) + (" " + EDGE_LABEL if edge else ""), dim=True)
+            else:
+                self.say("")
+        if reply:
+            self.turns.append({"role": "assistant", "content": reply})
+        else:
+            self.turns.pop()  # nothing was committed: forget the question too
+
+    def _write(self, text: str) -> None:
+        self.out.write(text)
+        self.out.flush()
+
+    def _cloud_lost(self, why: str) -> None:
+        """Said once: answers go on from the draft alone, labelled as such."""
+        if not self.cloud_down:
+            self.info(f"the cloud verifier is unreachable ({why}); continuing with edge-only "
+                      f"answers: draft model, not target quality. /mode pipeline tries the cloud again.")
+        self.cloud_down = True
+        self.options = replace(self.options, mode="edge")
+
+    # -- commands ----------------------------------------------------------------------------
+    def command(self, name: str, arg: str) -> bool:
+        """Runs one /command; False to leave the chat."""
+        from edge_app.pipeline import MODES
+
+        if name in ("quit", "exit", "q"):
+            return False
+        if name == "help":
+            self.say(HELP)
+        elif name == "stats":
+            self.say(format_stats(self.stats[-1] if self.stats else None, self.stats))
+        elif name == "mode":
+            if arg not in MODES:
+                self.say(f"mode is {self.options.mode}; choose one of {', '.join(MODES)}")
+            else:
+                self.options = replace(self.options, mode=arg)
+                if arg != "edge":
+                    self.cloud_down = False
+                self.say(f"mode: {arg}" + (f"  {EDGE_LABEL}" if arg == "edge" else ""))
+        elif name == "temp":
+            try:
+                params = replace(self.options.params, temperature=float(arg)).validate()
+            except ValueError as err:
+                self.say(f"/temp needs a number >= 0 ({err})")
+            else:
+                self.options = replace(self.options, params=params)
+                self.say(f"temperature: {params.temperature:g}" + (" (greedy)" if params.greedy else ""))
+        elif name == "system":
+            if arg:
+                self.system = arg
+                self.say("system prompt set")
+            else:
+                self.say(f"system prompt: {self.system!r}; /system TEXT sets it")
+        elif name == "reset":
+            self.turns = []
+            self.say("conversation forgotten")
+        elif name == "save":
+            self.say(self.save(arg) if arg else "/save needs a file name")
+        else:
+            self.say(f"unknown command /{name}; /help lists them")
+        return True
+
+    def save(self, path: str) -> str:
+        data = {"messages": self.messages(), "mode": self.options.mode,
+                "temperature": self.options.params.temperature, "draft": self.client.draft_name,
+                "cloud": self.client.cloud_url, "turn_stats": self.stats}
+        try:
+            Path(path).expanduser().write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        except OSError as err:
+            return f"cannot save: {err}"
+        return f"saved {len(self.turns)} messages to {path}"
+
+
+def _setup_readline() -> None:
+    """Line editing and a history file, where the readline module exists."""
+    try:
+        import atexit
+        import readline
+    except ImportError:
+        return
+    from models.store import cache_dir
+
+    history = cache_dir() / "chat_history"
+    try:
+        readline.read_history_file(history)
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+
+    def save() -> None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            readline.write_history_file(history)
+        except OSError:
+            pass
+
+    atexit.register(save)
+
+
+def run(args) -> int:
+    from edge_app.client import EdgeClient, EdgeConfig
+    from edge_app.embedded import EmbeddedVerifierError
+    from edge_app.pipeline import GenerateOptions
+    from models.errors import ModelError
+    from picospec.common_args import picospec_kwargs
+    from sampling import SamplingParams
+
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    ansi = interactive and not args.plain and fancy_terminal(sys.stdin, sys.stdout, os.environ)
+    try:
+        params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed).validate()
+    except ValueError as err:
+        print(f"picospec chat: {err}", file=sys.stderr)
+        return 2
+    options = GenerateOptions(max_new_tokens=args.max_new_tokens, params=params, mode=args.mode,
+                              variant=args.variant, paper_top_k=args.paper_top_k, block=args.block,
+                              run_ahead=args.run_ahead)
+    client = EdgeClient(EdgeConfig(**picospec_kwargs(args)))
+    runner = LoopThread()
+    chat = Chat(client, runner, options, args.system, interactive, ansi)
+    where = args.cloud or "a local verifier (starting it)"
+    chat.info(f"loading the draft; target verifies at {where} ...")
+    try:
+        runner.call(start_client(client))
+    except ModelError as err:
+        print(f"picospec chat: {err}", file=sys.stderr)
+        runner.call(client.close())
+        return 2
+    except EmbeddedVerifierError as err:
+        print(f"picospec chat: {err}", file=sys.stderr)
+        chat._cloud_lost("the local verifier did not start")
+    except KeyboardInterrupt:
+        runner.call(client.close())
+        return 130
+    if interactive:
+        _setup_readline()
+    chat.info(f"PicoSpec chat: draft {client.draft_name} on this device, verified at {client.cloud_url} "
+              f"(mode {chat.options.mode}). /help lists commands, Ctrl-C stops an answer, Ctrl-D leaves.")
+    try:
+        chat.loop()
+    finally:
+        runner.call(drop_session(client))
+        runner.call(client.close())
+        runner.close()
+    return 0

@@ -1,0 +1,206 @@
+"""The protocol and the pipeline end to end, over a real server and real sockets, with tiny real
+torch models (milliseconds a pass), so that the hard cases can be driven many times.
+
+The invariant every test pins: greedy output is token for token what the target alone writes, no
+matter how good or bad the draft, how slow either side, or how many blocks are in flight.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+import codec
+from cloud.engine import TargetEngine, greedy_reference
+from edge_app.link import CloudLink
+from edge_app.pipeline import GenerateOptions, Pipeline
+from sampling import SamplingParams, target_probs
+from tests.tiny import EOS, ServerThread, SlowEngine, TinyDrafter, fingerprint, perturbed, tiny_model
+
+PROMPTS = [[1, 2, 3], [5, 9, 11, 40, 2], [7], [60, 61, 3, 3, 3, 8, 21]]
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_model(0)
+
+
+@pytest.fixture(scope="module")
+def server(target):
+    with ServerThread(TargetEngine(target)) as s:
+        yield s
+
+
+def reference(target, prompt, n, stop=EOS):
+    out, _ = greedy_reference(TargetEngine(target), prompt, n, stop)
+    return out
+
+
+async def _generate(url, drafter, prompt, options: GenerateOptions, link=None):
+    own = link is None
+    if own:
+        link = CloudLink(url)
+        p = options.params
+        await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
+            "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed},
+            variant=options.variant, paper_top_k=options.paper_top_k))
+    try:
+        return await Pipeline(drafter, link, options).run(prompt)
+    finally:
+        if own:
+            await link.close()
+
+
+def generate(url, drafter, prompt, **kw):
+    kw.setdefault("stop_ids", (EOS,))
+    return asyncio.run(_generate(url, drafter, prompt, GenerateOptions(**kw)))
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5, 3.0])
+@pytest.mark.parametrize("mode", ["pipeline", "sync"])
+def test_greedy_output_is_the_targets_whatever_the_draft(server, target, noise, mode):
+    drafter = TinyDrafter(perturbed(target, noise))
+    for prompt in PROMPTS:
+        ans = generate(server.url, drafter, prompt, max_new_tokens=40, mode=mode, block=4)
+        assert ans.token_ids == reference(target, prompt, 40)
+        if noise == 0.0:  # a perfect draft is never rejected
+            assert ans.stats.rejected == 0 and ans.stats.accepted > 0
+
+
+@pytest.mark.parametrize("block", [1, 2, 7, 16])
+def test_greedy_exact_for_any_block_size(server, target, block):
+    drafter = TinyDrafter(perturbed(target, 1.0))
+    ans = generate(server.url, drafter, PROMPTS[1], max_new_tokens=48, block=block, run_ahead=3 * block)
+    assert ans.token_ids == reference(target, PROMPTS[1], 48)
+
+
+def test_unrelated_draft_rejected_at_first_token_still_exact(server, target):
+    drafter = TinyDrafter(tiny_model(seed=7))  # another random model: almost every first token wrong
+    ans = generate(server.url, drafter, PROMPTS[0], max_new_tokens=30, block=3)
+    assert ans.token_ids == reference(target, PROMPTS[0], 30)
+    assert ans.stats.rejected > 0 and ans.stats.recovered == ans.stats.rejected
+
+
+def test_rejection_with_several_blocks_in_flight(target):
+    """Slow cloud, fast edge, deep run-ahead: verdicts land while later blocks are queued."""
+    engine = SlowEngine(target)
+    engine.delay_s = 0.05
+    with ServerThread(engine) as slow:
+        drafter = TinyDrafter(perturbed(target, 1.0))
+        ans = generate(slow.url, drafter, PROMPTS[3], max_new_tokens=40, block=2, run_ahead=12)
+    assert ans.token_ids == reference(target, PROMPTS[3], 40)
+    assert ans.stats.stale_drafts > 0  # blocks were in flight when a rejection came back
+
+
+def test_slow_edge_still_exact(server, target):
+    drafter = TinyDrafter(perturbed(target, 1.0), step_delay_s=0.01)
+    ans = generate(server.url, drafter, PROMPTS[2], max_new_tokens=24, block=3)
+    assert ans.token_ids == reference(target, PROMPTS[2], 24)
+
+
+def test_jittery_link_still_exact(server, target):
+    from bench.linkproxy import LinkConfig, ThreadedLinkProxy
+
+    with ThreadedLinkProxy("127.0.0.1", server.port, LinkConfig(delay_ms=10, jitter_ms=8, seed=3)) as proxy:
+        url = f"ws://127.0.0.1:{proxy.port}/ws"
+        drafter = TinyDrafter(perturbed(target, 1.0))
+        for prompt in PROMPTS[:2]:
+            ans = generate(url, drafter, prompt, max_new_tokens=32)
+            assert ans.token_ids == reference(target, prompt, 32)
+
+
+def test_stop_token_inside_a_block_ends_the_answer_there(server, target):
+    ref = reference(target, PROMPTS[1], 40, stop=None)
+    stop = ref[5]
+    first = ref.index(stop)
+    drafter = TinyDrafter(perturbed(target, 0.0))
+    ans = generate(server.url, drafter, PROMPTS[1], max_new_tokens=40, block=8, stop_ids=(stop,))
+    assert ans.token_ids == ref[: first + 1]
+    assert ans.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("n", [1, 5, 9])
+def test_max_tokens_inside_a_block_is_respected(server, target, n):
+    drafter = TinyDrafter(perturbed(target, 0.0))
+    ans = generate(server.url, drafter, PROMPTS[0], max_new_tokens=n, block=4, stop_ids=(-1,))
+    assert ans.token_ids == reference(target, PROMPTS[0], n, stop=None)
+    assert ans.finish_reason == "length"
+
+
+def test_cloud_mode_is_the_target_alone(server, target):
+    drafter = TinyDrafter(perturbed(target, 1.0))
+    ans = generate(server.url, drafter, PROMPTS[1], max_new_tokens=20, mode="cloud")
+    assert ans.token_ids == reference(target, PROMPTS[1], 20)
+    assert ans.stats.drafted == 0
+
+
+def test_edge_mode_is_the_draft_alone(target):
+    draft = perturbed(target, 3.0)
+    ans = asyncio.run(Pipeline(TinyDrafter(draft), None, GenerateOptions(
+        max_new_tokens=12, mode="edge", stop_ids=(EOS,))).run(PROMPTS[0]))
+    assert ans.token_ids == reference(draft, PROMPTS[0], 12)
+
+
+def test_kv_cache_reused_across_turns(server, target):
+    """A second turn that extends the first re-sends the context; both sides keep the prefix."""
+    drafter = TinyDrafter(perturbed(target, 0.5))
+
+    async def two_turns():
+        link = CloudLink(server.url)
+        await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
+            "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}))
+        opts = GenerateOptions(max_new_tokens=10, stop_ids=(EOS,))
+        p1 = Pipeline(drafter, link, opts)
+        first = await p1.run(PROMPTS[1])
+        second_prompt = PROMPTS[1] + first.token_ids + [4, 4]
+        before = drafter.length
+        p = Pipeline(drafter, link, opts, epoch=p1.epoch)
+        second = await p.run(second_prompt)
+        await link.close()
+        return first, second, before, second_prompt
+
+    first, second, drafter_len_before, prompt2 = asyncio.run(two_turns())
+    assert first.token_ids == reference(target, PROMPTS[1], 10)
+    assert second.token_ids == reference(target, prompt2, 10)
+    assert drafter_len_before >= len(PROMPTS[1]) + len(first.token_ids) - 1
+
+
+def _empirical_first_two(server, target, variant: str, params: SamplingParams, rounds: int, top_k: int = 8):
+    drafter = TinyDrafter(perturbed(target, 2.0))
+    prompt = PROMPTS[1]
+
+    async def run():
+        link = CloudLink(server.url)
+        await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
+            "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
+            "seed": params.seed}, variant=variant, paper_top_k=top_k))
+        firsts = []
+        epoch = 0
+        for i in range(rounds):
+            opts = GenerateOptions(max_new_tokens=1, params=SamplingParams(
+                params.temperature, params.top_p, params.top_k, seed=i), variant=variant,
+                paper_top_k=top_k, block=2, stop_ids=())
+            p = Pipeline(drafter, link, opts, epoch=epoch)
+            ans = await p.run(prompt)
+            epoch = p.epoch
+            firsts.append(ans.token_ids[0])
+        await link.close()
+        return firsts
+
+    firsts = asyncio.run(run())
+    counts = np.bincount(firsts, minlength=target.config.vocab_size) / rounds
+    with torch.inference_mode():
+        logits = target(input_ids=torch.tensor([prompt])).logits[0, -1].double().numpy()
+    return counts, target_probs(logits, params)
+
+
+def test_sampling_through_the_server_follows_the_target_distribution(server, target):
+    """2000 one-token answers: the empirical distribution matches p (TV bound 0.5*sqrt(V/N)*2)."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=0)
+    emp, p = _empirical_first_two(server, target, "exact", params, 2000)
+    tv = 0.5 * np.abs(emp - p).sum()
+    support = int((p > 0).sum())
+    bound = 2 * 0.5 * np.sqrt(support / 2000)  # twice the expected TV of an exact sampler
+    assert tv < bound, (tv, bound)
