@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from dataclasses import dataclass, replace
 
 import codec
 from edge_app.drafter import Drafter, DrafterConfig
 from edge_app.link import CloudError, CloudLink
 from edge_app.meters import EdgeMeters
-from edge_app.pipeline import Answer, CommitCallback, GenerateOptions, Pipeline
+from edge_app.pipeline import RETRYABLE, Answer, CommitCallback, GenerateOptions, Pipeline
 from edge_app.template import render_chat
 
 
@@ -28,6 +29,10 @@ class EdgeConfig:
     cloud_threads: int | None = None  # local verifier's torch threads
     pin_cores: bool = True  # split this machine's cores between edge and local verifier
     n_ctx: int = 4096
+    reply_timeout_s: float = 60.0  # a verifier silent this long is treated as lost
+    reconnect_s: float = 8.0  # how long to keep retrying a lost verifier before going edge-only
+    edge_fallback: bool = True  # continue with the draft alone (labelled) while the cloud is away
+    retry_interval_s: float = 5.0  # while edge-only, how often to look for the verifier again
 
 
 class EdgeClient:
@@ -43,9 +48,13 @@ class EdgeClient:
         self.epoch = 0
         self.estimates: dict = {}
         self.meters = EdgeMeters()
+        self.pipeline: Pipeline | None = None
         self.chat_template: str | None = None
         self.stop_ids: tuple[int, ...] = ()
         self.draft_name = ""
+        self.cloud_available = True
+        # notices for the user ("cloud unreachable", "cloud back"); the REPL replaces this
+        self.on_notice = lambda text: print(f"picospec: {text}", file=sys.stderr, flush=True)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, need_cloud: bool = True) -> "EdgeClient":
@@ -99,15 +108,17 @@ class EdgeClient:
             self.drafter.close()
             self.drafter = None
 
-    async def _session(self, options: GenerateOptions) -> CloudLink:
+    async def _session(self, options: GenerateOptions, fresh: bool = False) -> CloudLink:
         """A verifier session whose sampling settings match `options` (reconnects if they differ)."""
         key = (options.params, options.variant, options.paper_top_k)
-        if self.link is not None and self.link.connected and self._link_key == key and options.params.seed is None:
+        if (not fresh and self.link is not None and self.link.connected and self._link_key == key
+                and options.params.seed is None):
             return self.link
         if self.link is not None:
             await self.link.close()
+            self.link = None
         p = options.params
-        link = CloudLink(self.cloud_url)
+        link = CloudLink(self.cloud_url, reply_timeout_s=self.config.reply_timeout_s)
         await link.connect(codec.Hello(
             fingerprint=self.fingerprint,
             sampling={"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed},
@@ -136,12 +147,46 @@ class EdgeClient:
                            on_commit: CommitCallback | None = None) -> Answer:
         """One answer in the chosen mode. Raises CloudError when the verifier refuses or vanishes."""
         options = replace(options, stop_ids=options.stop_ids or self.stop_ids)
-        link = None if options.mode == "edge" else await self._session(options)
+        link = None
+        if options.mode != "edge":
+            try:
+                link = await self._session(options)
+            except CloudError as err:
+                if not (self.config.edge_fallback and err.code in RETRYABLE):
+                    raise
         pipeline = Pipeline(self.drafter, link, options, on_commit, self.meters, self.epoch, self.estimates)
+        pipeline.reconnect = lambda err: self._reconnect(options, err)
+        pipeline.retry_interval_s = self.config.retry_interval_s
+        pipeline.notice = self._notice
+        self.pipeline = pipeline
         try:
             return await pipeline.run(prompt_ids)
         finally:
             self.epoch = pipeline.epoch
+
+    async def _reconnect(self, options: GenerateOptions, err: CloudError | None) -> CloudLink | None:
+        """A new session after a lost one, retried with backoff for up to reconnect_s; None if the
+        verifier stays away and edge-only fallback is allowed (else the error is raised)."""
+        deadline = asyncio.get_running_loop().time() + (self.config.reconnect_s if err else 0.0)
+        delay = 0.25
+        while True:
+            try:
+                link = await self._session(options, fresh=True)
+                self.cloud_available = True
+                return link
+            except CloudError as last:
+                err = err or last
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    break
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+        if not self.config.edge_fallback:
+            raise err
+        self.cloud_available = False
+        return None
+
+    def _notice(self, text: str) -> None:
+        self.on_notice(text)
 
 
 def _stop_ids(drafter: Drafter, meta: dict) -> tuple[int, ...]:

@@ -22,12 +22,13 @@ from typing import Callable
 import numpy as np
 
 import codec
-from edge_app.link import CloudLink
+from edge_app.link import CloudError, CloudLink
 from edge_app.meters import EdgeMeters
 from edge_app.policy import Ema, choose_plan
 from sampling import SamplingParams, SparseDist, draft_dist, recover_from_top_k, sample_sparse
 
 MODES = ("pipeline", "sync", "cloud", "edge")
+RETRYABLE = ("disconnected", "timeout", "unreachable")
 
 # on_commit(new_committed_ids, speculative_ids): called whenever the committed text grows
 CommitCallback = Callable[[list[int], list[int]], None]
@@ -60,6 +61,8 @@ class GenerationStats:
     wall_s: float = 0.0
     ttft_s: float | None = None
     new_tokens: int = 0
+    reconnects: int = 0
+    edge_only_tokens: int = 0
     block_sizes: list[int] = field(default_factory=list)
     verify_s: list[float] = field(default_factory=list)
     edge: dict = field(default_factory=dict)
@@ -75,6 +78,8 @@ class GenerationStats:
             "bonus": self.bonus,
             "rounds": self.rounds,
             "stale_drafts": self.stale_drafts,
+            "reconnects": self.reconnects,
+            "edge_only_tokens": self.edge_only_tokens,
             "acceptance_rate": self.accepted / verified if verified else None,
             "mean_accepted_per_round": self.accepted / self.rounds if self.rounds else None,
             "bytes_up": self.bytes_up,
@@ -96,6 +101,7 @@ class Answer:
     token_ids: list[int]
     stats: GenerationStats
     finish_reason: str  # "stop" (end of sequence) or "length"
+    edge_only_spans: list[tuple[int, int]] = field(default_factory=list)  # draft-only token ranges
 
 
 def finish(tokens: list[int], max_new: int, stop_ids: tuple[int, ...]) -> tuple[list[int], str | None]:
@@ -134,6 +140,13 @@ class Pipeline:
         self.send_times: dict[int, float] = {}
         self.done_reason: str | None = None
         self.stop_drafting = False
+        self._needs_resync = False
+        self._bytes0: tuple[int, int] | None = None
+        # fault handling: reconnect(err) -> a new CloudLink or None (set by EdgeClient)
+        self.reconnect: Callable | None = None
+        self.retry_interval_s = 5.0
+        self.notice: Callable[[str], None] = lambda text: None
+        self.edge_spans: list[tuple[int, int]] = []
 
     # -- public ------------------------------------------------------------------------------
     async def run(self, prompt_ids: list[int]) -> Answer:
@@ -141,23 +154,88 @@ class Pipeline:
         self.meters.start()
         self.committed = list(prompt_ids)
         self.n_prompt = len(prompt_ids)
-        mode = self.opt.mode
-        if mode == "edge":
+        if self.opt.mode not in MODES:
+            raise ValueError(f"unknown mode {self.opt.mode!r}; choose from {', '.join(MODES)}")
+        if self.opt.mode == "edge":
             await self._run_edge()
-        elif mode == "cloud":
-            await self._run_cloud()
-        elif mode in ("pipeline", "sync"):
-            await self._run_speculative(sync=mode == "sync")
         else:
-            raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+            await self._drive_with_recovery()
         self.stats.wall_s = time.perf_counter() - t0
         generated, reason = finish(self.committed[self.n_prompt:], self.opt.max_new_tokens, self.opt.stop_ids)
         self.stats.new_tokens = len(generated)
-        if self.link is not None:
-            self.stats.bytes_up = self.link.bytes_up - self._bytes0[0]
-            self.stats.bytes_down = self.link.bytes_down - self._bytes0[1]
+        self._count_link_bytes()
         self.stats.edge = self.meters.snapshot()
-        return Answer(generated, self.stats, reason or "length")
+        return Answer(generated, self.stats, reason or "length", self._edge_spans(len(generated)))
+
+    # -- faults: reconnect and resume, or continue edge-only -------------------------------------
+    async def _drive_with_recovery(self) -> None:
+        """Run the cloud-backed mode; on a lost link reconnect and resume from the committed prefix
+        (the cloud re-prefills it), or continue edge-only until the cloud is back."""
+        while self.done_reason is None:
+            try:
+                if self.link is None:
+                    raise CloudError("unreachable", "no verifier session")
+                if self.opt.mode == "cloud":
+                    await self._run_cloud()
+                else:
+                    await self._run_speculative(sync=self.opt.mode == "sync")
+                return
+            except CloudError as err:
+                if self.reconnect is None or err.code not in RETRYABLE:
+                    raise
+                self.stats.reconnects += 1
+                self._count_link_bytes()
+                self.link = await self.reconnect(err)
+                self.epoch = 0  # a new session counts epochs from zero
+                if self.link is None:
+                    await self._run_edge_until_cloud_returns()
+
+    def _count_link_bytes(self) -> None:
+        if self.link is not None and self._bytes0 is not None:
+            self.stats.bytes_up += self.link.bytes_up - self._bytes0[0]
+            self.stats.bytes_down += self.link.bytes_down - self._bytes0[1]
+            self._bytes0 = (self.link.bytes_up, self.link.bytes_down)
+
+    def _reset_speculation(self) -> None:
+        """Forget everything not committed: a new session starts from the committed prefix."""
+        self.drafted, self.dists, self.forced, self.sent = [], [], [], 0
+        self.stop_drafting = False
+        self.send_times.clear()
+        self._needs_resync = True
+
+    async def _run_edge_until_cloud_returns(self) -> None:
+        """Draft-only tokens, each labelled as such, while retrying the cloud now and then."""
+        self.notice("the verifier is unreachable: continuing with the draft model alone "
+                    "(edge-only tokens are not target quality)")
+        self._reset_speculation()
+        await self._resync_drafter()
+        next_try = time.monotonic() + self.retry_interval_s
+        while self.done_reason is None:
+            start = len(self.committed) - self.n_prompt
+            token, _ = await self._drafter_call("draft", self._draft_one)
+            self.stats.drafted += 1
+            self.stats.edge_only_tokens += 1
+            self.edge_spans.append((start, start + 1))
+            self._commit([token])
+            if time.monotonic() >= next_try and self.done_reason is None:
+                self.link = await self.reconnect(None)
+                if self.link is not None:
+                    self.epoch = 0
+                    self.notice("the verifier is back: answers are target quality again")
+                    return
+                next_try = time.monotonic() + self.retry_interval_s
+
+    def _edge_spans(self, n: int) -> list[tuple[int, int]]:
+        """Merged [start, end) ranges of generated tokens that only the draft produced."""
+        merged: list[tuple[int, int]] = []
+        for a, b in self.edge_spans:
+            if a >= n:
+                break
+            if merged and merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], min(b, n))
+            else:
+                merged.append((a, min(b, n)))
+        return merged
 
     # -- committing --------------------------------------------------------------------------
     def _commit(self, new: list[int]) -> None:
@@ -177,7 +255,6 @@ class Pipeline:
 
     # -- edge only ---------------------------------------------------------------------------
     async def _run_edge(self) -> None:
-        self._bytes0 = (0, 0)
         await self._drafter_call("prefill", self.drafter.prefill, self.committed)
         while self.done_reason is None:
             token, _ = await self._drafter_call("draft", self._draft_one)
@@ -186,12 +263,16 @@ class Pipeline:
             self._commit([token])
 
     # -- cloud only --------------------------------------------------------------------------
+    def _remaining(self) -> int:
+        return self.opt.max_new_tokens - (len(self.committed) - self.n_prompt)
+
     async def _run_cloud(self) -> None:
         link = self.link
         self._bytes0 = (link.bytes_up, link.bytes_down)
-        await link.send(codec.Prompt(ids=self.committed, max_new_tokens=self.opt.max_new_tokens))
+        # (re)starting from the committed prefix: a resumed answer continues where it stopped
+        await link.send(codec.Prompt(ids=self.committed, max_new_tokens=self._remaining()))
         self.epoch += 1
-        await link.send(codec.Generate(max_new_tokens=self.opt.max_new_tokens))
+        await link.send(codec.Generate(max_new_tokens=self._remaining()))
         while self.done_reason is None:
             with self.meters.phase("network_wait"):
                 msg = await link.recv()
@@ -204,10 +285,12 @@ class Pipeline:
     async def _run_speculative(self, sync: bool) -> None:
         link = self.link
         self._bytes0 = (link.bytes_up, link.bytes_down)
-        # 1. both sides prefill at once: the prompt goes up first, then the edge prefills locally
-        await link.send(codec.Prompt(ids=self.committed, max_new_tokens=self.opt.max_new_tokens))
+        self._reset_speculation()
+        # 1. both sides prefill at once: the committed prefix goes up first, the edge prefills locally
+        await link.send(codec.Prompt(ids=self.committed, max_new_tokens=self._remaining()))
         self.epoch += 1
         await self._drafter_call("prefill", self.drafter.prefill, self.committed)
+        self._needs_resync = False
         while self.done_reason is None:
             # 2. apply every verdict that has arrived (between draft steps)
             for msg in link.poll():
@@ -321,7 +404,7 @@ class Pipeline:
 
     async def _resync_drafter(self) -> None:
         """After a correction, roll the draft's KV cache back to the committed prefix (+ forced)."""
-        if not getattr(self, "_needs_resync", False):
+        if not self._needs_resync:
             return
         self._needs_resync = False
         target = self.committed

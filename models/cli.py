@@ -1,4 +1,5 @@
-"""`picospec models`: which draft and target would be used, are they ready, do their tokenizers match.
+"""`picospec models`: which draft and target would be used, are they ready, and do their
+tokenizers match.
 
 Edge-safe: nothing here imports torch. Only a transformers-directory target needs transformers, to
 read its tokenizer, and that import happens inside fingerprint.from_hf_dir.
@@ -77,7 +78,8 @@ def _inspect_hf_dir(path: Path) -> dict[str, Any]:
     cfg = read_config(path)
     size = sum(f.stat().st_size for f in path.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
     fp = from_hf_dir(path)
-    return {"size_bytes": size, "model_name": cfg.get("_name_or_path") or path.name,
+    name = cfg.get("_name_or_path") or cfg.get("_model_name_or_path") or path.name
+    return {"size_bytes": size, "model_name": name,
             "architecture": cfg.get("model_type"),
             "file_type": cfg.get("dtype") or cfg.get("torch_dtype"),
             "context_length": cfg.get("max_position_embeddings"), "vocab_size": fp.vocab_size,

@@ -8,7 +8,7 @@ class ModelError(Exception):
 
 
 class MissingPartsError(ModelError):
-    """The PyPI packages that carry a default model's chunks are not installed (or wrong version)."""
+    """The PyPI packages carrying a default model's chunks are missing (or the wrong version)."""
 
     def __init__(self, message: str, missing: list[str] | None = None):
         super().__init__(message)

@@ -96,7 +96,7 @@ class GGUFMetadata:
 
     @property
     def vocab_size(self) -> int | None:
-        """The logits width: `<arch>.vocab_size` when the converter wrote it, else the token count."""
+        """The logits width: `<arch>.vocab_size` if the converter wrote it, else the token count."""
         v = self.arch_value("vocab_size")
         if v is not None:
             return int(v)
@@ -248,7 +248,8 @@ class _Reader:
 def _read_header(r: _Reader) -> tuple[int, int, int]:
     r.need(4)
     if r.buf[:4] != GGUF_MAGIC:
-        raise GGUFFormatError(f"{r.path}: not a GGUF file (starts with {r.buf[:4]!r}, expected b'GGUF')")
+        raise GGUFFormatError(f"{r.path}: not a GGUF file (starts with {r.buf[:4]!r}, "
+                              f"expected b'GGUF')")
     r.pos = 4
     version = r.unpack("I", 4)
     if version & 0xFFFF == 0 and 0 < (version >> 24) <= 3:
@@ -256,7 +257,8 @@ def _read_header(r: _Reader) -> tuple[int, int, int]:
         r.endian = ">"
         version >>= 24
     if version not in (1, 2, 3):
-        raise GGUFFormatError(f"{r.path}: unsupported GGUF version {version} (this reader knows 1-3)")
+        raise GGUFFormatError(f"{r.path}: unsupported GGUF version {version} "
+                              f"(this reader knows 1-3)")
     if version == 1:
         r.len_code, r.len_size = "I", 4
     tensor_count = r.unpack(r.len_code, r.len_size)

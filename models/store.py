@@ -45,7 +45,7 @@ def default_path(role: str, cache: Path | None = None) -> Path:
 # ---------------------------------------------------------------------------- hashing with a memo
 
 def _memo_path(path: Path, cache: Path) -> Path:
-    """A sidecar next to files we own; files elsewhere are the user's, so their memo stays with us."""
+    """A sidecar next to files we own; files elsewhere are the user's: their memo stays with us."""
     path = path.resolve()
     try:
         path.relative_to(cache.resolve())

@@ -74,6 +74,9 @@ async def generate_async(client: EdgeClient, prompt: str | list[int], *, options
             "token_ids": answer.token_ids,
             "text": client.decode(answer.token_ids),
             "finish_reason": answer.finish_reason,
+            # ranges of token_ids that the draft alone produced while the verifier was away
+            "edge_only_spans": [list(span) for span in answer.edge_only_spans],
+            "target_quality": options.mode != "edge" and not answer.edge_only_spans,
             "stats": answer.stats.to_dict(),
         })
     return {
@@ -84,14 +87,14 @@ async def generate_async(client: EdgeClient, prompt: str | list[int], *, options
         "stats": merge_stats([c["stats"] for c in completions]),
         "draft": client.draft_name,
         "cloud": client.cloud_url,
-        "target_quality": options.mode != "edge",
+        "target_quality": all(c["target_quality"] for c in completions),
     }
 
 
 def merge_stats(stats: list[dict]) -> dict:
     """Totals over completions (rates recomputed from the totals)."""
     keys = ("drafted", "accepted", "rejected", "recovered", "bonus", "rounds", "stale_drafts",
-            "bytes_up", "bytes_down", "wall_s", "new_tokens")
+            "bytes_up", "bytes_down", "wall_s", "new_tokens", "reconnects", "edge_only_tokens")
     out = {k: sum(s[k] for s in stats) for k in keys}
     verified = out["accepted"] + out["rejected"]
     out["acceptance_rate"] = out["accepted"] / verified if verified else None

@@ -23,7 +23,7 @@ from models.errors import ChecksumError, GGUFFormatError, MissingPartsError, Mod
 from models.fingerprint import (Fingerprint, compatible, from_gguf, from_tokenizer, from_tokens,
                                 strip_fillers)
 from models.gguf_meta import read_metadata
-from models.registry import DefaultModel, Part
+from models.registry import DefaultModel
 from models.resolve import default_spec, resolve_draft, resolve_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -341,7 +341,7 @@ def test_target_directory_with_config_is_hf(tmp_path: Path, isolated: Path) -> N
 def make_fake_parts(site: Path, chunks: list[bytes], dist: str = "picospec-fake",
                     version: str = "1.0", installed: int | None = None) -> DefaultModel:
     """Lay out part packages like the real wheels: <module>/data/partNN.bin + dist-info."""
-    parts = registry._parts(dist, version, len(chunks))
+    parts = registry.part_series(dist, version, len(chunks))
     for i, (part, chunk) in enumerate(zip(parts, chunks)):
         if installed is not None and i >= installed:
             continue
@@ -397,7 +397,7 @@ def test_missing_part_packages_name_what_to_install(site: Path, isolated: Path) 
 
 def test_wrong_part_version_is_reported(site: Path, isolated: Path) -> None:
     model = make_fake_parts(site, CHUNKS, version="0.1")
-    pinned = replace(model, parts=registry._parts("picospec-fake", "1.0", 3))
+    pinned = replace(model, parts=registry.part_series("picospec-fake", "1.0", 3))
     with pytest.raises(MissingPartsError, match="picospec-fake-part1 0.1 is installed but 1.0 is needed"):
         store.join_default(pinned)
 
