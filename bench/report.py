@@ -116,10 +116,10 @@ def bound_rate(mode: str, p: ModelParams | None) -> float | None:
 
 
 def rtt_overhead_s(run_info: dict, rtt_ms: float) -> float | None:
-    """What a round trip costs beyond the configured RTT, from the sync run at that RTT (sync has no
-    queue at the verifier, so its measured round trip minus verify time is link + stack only)."""
-    est = run_info.get(("sync", rtt_ms), {}).get("t_rtt_est_s")
-    return None if est is None else max(0.0, est - rtt_ms / 1e3)
+    """What a round trip costs beyond the configured RTT: an idle HTTP round trip through the proxy,
+    measured before the runs at that RTT, minus the configured RTT (proxy, sockets, event loops)."""
+    measured = run_info.get(("link", rtt_ms), {}).get("measured_rtt_s")
+    return None if measured is None else max(0.0, measured - rtt_ms / 1e3)
 
 
 # -- exactness -----------------------------------------------------------------------------------
@@ -259,7 +259,7 @@ def break_even(records: list[dict], run_info: dict, rows: list[dict]) -> dict:
     if hf is None:
         out["note"] = "hf-assisted was not run: no break-even"
         return out
-    overheads = [o for rtt in {r["rtt_ms"] for r in rows} if (o := rtt_overhead_s(run_info, rtt)) is not None]
+    overheads = [o for rtt in sorted({r["rtt_ms"] for r in rows}) if (o := rtt_overhead_s(run_info, rtt)) is not None]
     overhead = mean(overheads) if overheads else 0.0
     for mode, fn in (("pipeline", pipeline_rate), ("sync", sync_rate)):
         runs = [r for r in records if r["mode"] == mode]

@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -25,6 +26,7 @@ from bench.report import tpot_samples
 LINK_MODES = ("cloud", "sync", "pipeline")
 ALL_MODES = ("edge", "cloud", "sync", "pipeline", "hf-assisted")
 WARMUP_TOKENS = 8
+WARMUP_PROMPT = "Say hello in one short sentence."
 
 Progress = Callable[[str, bool], None]  # (label, True) once per answer; (message, False) for notes
 
@@ -157,11 +159,13 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
         ids = [client.encode_prompt(p.text) for p in cfg.prompts]
         result.setup["prompt_tokens"] = {p.label: len(i) for p, i in zip(cfg.prompts, ids)}
         sensor = pick_sensor()
-        await _warm_up(client, cfg, ids[0], link_modes)
+        await _warm_up(client, cfg, link_modes)
         if "edge" in cfg.modes:
             await _run_mode(client, cfg, "edge", None, ids, result, sensor, None, progress)
         for rtt in cfg.rtts_ms if link_modes else []:
             proxy.update(link_config(cfg, rtt))
+            await _reset_link(client)
+            result.run_info[("link", rtt)] = {"measured_rtt_s": await measure_rtt(proxy.url_for("/healthz"))}
             for mode in link_modes:
                 await _run_mode(client, cfg, mode, rtt, ids, result, sensor, proxy, progress)
         return ids
@@ -181,10 +185,37 @@ def _options(cfg: BenchConfig, mode: str, max_new: int):
     return GenerateOptions(max_new_tokens=max_new, params=SamplingParams(), mode=mode, block=cfg.block)
 
 
-async def _warm_up(client, cfg: BenchConfig, ids: list[int], link_modes: list[str]) -> None:
-    """One short generation so that first-call costs (allocations, the session) are not timed."""
+async def _warm_up(client, cfg: BenchConfig, link_modes: list[str]) -> None:
+    """One short generation so that first-call costs (allocations, the session) are not timed. Its
+    prompt is none of the benchmark's, so that no timed answer finds its prompt already cached."""
     mode = "pipeline" if "pipeline" in link_modes else (link_modes[0] if link_modes else "edge")
-    await client.generate_ids(ids, _options(cfg, mode, WARMUP_TOKENS))
+    await client.generate_ids(client.encode_prompt(WARMUP_PROMPT), _options(cfg, mode, WARMUP_TOKENS))
+
+
+async def measure_rtt(url: str, n: int = 5) -> float | None:
+    """Median time of an HTTP GET through the proxy on a kept-alive connection: the link's real round
+    trip (configured delay + proxy + stack + a trivial handler), measured while the verifier idles."""
+    import aiohttp
+
+    times = []
+    try:
+        async with aiohttp.ClientSession() as http:
+            for i in range(n + 1):
+                t0 = time.perf_counter()
+                async with http.get(url) as resp:
+                    await resp.read()
+                if i:  # the first one also opened the connection
+                    times.append(time.perf_counter() - t0)
+    except (aiohttp.ClientError, OSError):
+        return None
+    return median(times)
+
+
+async def _fresh_state(client) -> None:
+    """Every run starts cold on both sides: a new verifier session (empty KV cache) and an empty
+    draft cache. Within a run, prompts share what they really share (the chat template's prefix)."""
+    await _reset_link(client)
+    client.drafter.reset()
 
 
 async def _run_mode(client, cfg: BenchConfig, mode: str, rtt: float | None, ids: list[list[int]],
@@ -196,6 +227,7 @@ async def _run_mode(client, cfg: BenchConfig, mode: str, rtt: float | None, ids:
     meter = EnergyMeter(sensor, auto_detect=False, figures=cfg.figures)
     wire0 = (proxy.bytes_up, proxy.bytes_down) if proxy else None
     timeout = 120.0 + 3.0 * cfg.max_new_tokens  # a hung pipeline must not hang the benchmark
+    await _fresh_state(client)
     meter.start()
     for prompt, prompt_ids in zip(cfg.prompts, ids):
         clock = CommitClock()
@@ -208,7 +240,7 @@ async def _run_mode(client, cfg: BenchConfig, mode: str, rtt: float | None, ids:
                                   "error": f"{type(err).__name__}: {err}"})
             await _reset_link(client)
         progress(f"{mode}@{rtt:g}ms" if rtt is not None else mode, True)
-    info = {"energy": meter.stop(), "t_rtt_est_s": client.estimates.get("t_rtt"),
+    info = {"energy": meter.stop(), "client_t_rtt_est_s": client.estimates.get("t_rtt"),
             "t_verify_est_s": client.estimates.get("t_verify")}
     if wire0:
         info.update(wire_bytes_up=proxy.bytes_up - wire0[0], wire_bytes_down=proxy.bytes_down - wire0[1])

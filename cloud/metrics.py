@@ -66,3 +66,18 @@ def _labels(labels: tuple) -> str:
     if not labels:
         return ""
     return "{" + ",".join(f'{k}="{v}"' for k, v in labels) + "}"
+
+
+def process_memory(status_path: str = "/proc/self/status") -> dict[str, float]:
+    """This process's resident and peak resident memory in bytes (Linux; {} elsewhere)."""
+    names = {"VmRSS": "picospec_process_resident_bytes", "VmHWM": "picospec_process_peak_resident_bytes"}
+    out: dict[str, float] = {}
+    try:
+        with open(status_path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key in names:
+                    out[names[key]] = float(value.split()[0]) * 1024  # the kernel reports kB
+    except OSError:
+        pass
+    return out

@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import json
 import logging
+import ssl
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 
 import codec
-from cloud.metrics import Metrics
+from cloud.limits import SessionQuota, TokenBucket, match_token, op_cost
+from cloud.metrics import Metrics, process_memory
 from cloud.session import Block, SessionError, VerifySession
 from sampling import SamplingParams
 
 log = logging.getLogger("picospec.cloud")
+PREFILL_CHUNK = 512  # prompt tokens per forward pass; other sessions' passes run between chunks
 
 
 @dataclass(frozen=True)
@@ -32,13 +34,52 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
     token: str | None = None
+    tokens: tuple[str, ...] = ()  # more accepted tokens (one per edge fleet): limits count per token
     max_sessions: int = 64
+    max_sessions_per_token: int = 8  # per token; per peer address on an open server; 0 = no limit
     max_msg_size: int = codec.MAX_FRAME
+    msgs_per_s: float = 400.0  # per connection, steady; 0 = no limit
+    msg_burst: float = 800.0  # per connection, messages allowed at once
     hello_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     max_block: int = 16
-    max_queued_msgs: int = 1024
+    max_queued_msgs: int = 256
+    max_queued_cost: int = 1 << 18  # ids held by a connection's decoded, not yet handled messages
+    max_queued_entries: int = 1 << 21  # drafted ids + distribution entries awaiting a pass
     max_context: int = 32768
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def accepted_tokens(self) -> tuple[str, ...]:
+        return ((self.token,) if self.token else ()) + tuple(t for t in self.tokens if t)
+
+
+@dataclass(eq=False)
+class Conn:
+    """One connection's state, shared by its read loop (fills `ops`) and work loop (drains it)."""
+
+    sid: str
+    ws: web.WebSocketResponse
+    bucket: TokenBucket
+    session: VerifySession | None = None
+    quota_key: str | None = None
+    ops: collections.deque = field(default_factory=collections.deque)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    cost: int = 0  # op_cost of what is in ops
+    busy: bool = False  # the work loop is handling a message (an edge may wait in silence)
+    last_active: float = field(default_factory=time.monotonic)
+    opened: float = field(default_factory=time.monotonic)
+
+    def push(self, op) -> None:
+        self.ops.append(op)
+        self.cost += op_cost(op)
+        self.wake.set()
+
+    def pop(self):
+        op = self.ops.popleft()
+        self.cost -= op_cost(op)
+        return op
 
 
 class VerifierServer:
@@ -54,6 +95,7 @@ class VerifierServer:
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self.metrics = Metrics()
         self.sessions: dict[str, VerifySession] = {}
+        self.quota = SessionQuota(config.max_sessions_per_token)
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics_route)
@@ -65,7 +107,8 @@ class VerifierServer:
     async def start(self) -> int:
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        site = web.TCPSite(self._runner, self.config.host, self.config.port,
+                           ssl_context=server_ssl(self.config.tls_cert, self.config.tls_key))
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]
         return self.port
@@ -83,51 +126,71 @@ class VerifierServer:
             "device": str(self.engine.device),
         })
 
+    @property
+    def scheme(self) -> str:
+        return "https" if self.config.tls_cert else "http"
+
     async def metrics_route(self, request: web.Request) -> web.Response:
-        self.metrics.gauge("picospec_sessions", len(self.sessions))
-        return web.Response(text=self.metrics.render(), content_type="text/plain")
+        m = self.metrics
+        m.gauge("picospec_sessions", len(self.sessions))
+        # what the sessions hold now: KV-cache positions (memory) and queued drafted tokens
+        m.gauge("picospec_kv_cache_tokens", sum(s.engine.cache_len for s in list(self.sessions.values())))
+        m.gauge("picospec_queued_draft_entries", sum(s.queued_entries for s in list(self.sessions.values())))
+        for name, value in process_memory().items():
+            m.gauge(name, value)
+        return web.Response(text=m.render(), content_type="text/plain")
 
     # -- the protocol ------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(max_msg_size=self.config.max_msg_size, heartbeat=30.0)
         await ws.prepare(request)
-        session_id = uuid.uuid4().hex[:12]
+        conn = Conn(sid=uuid.uuid4().hex[:12], ws=ws,
+                    bucket=TokenBucket(self.config.msgs_per_s, self.config.msg_burst))
         try:
-            session = await self._handshake(ws, session_id)
+            await self._handshake(conn, request.remote or "?")
         except SessionError as err:
-            await self._refuse(ws, session_id, err)
+            await self._refuse(conn, err)
+            self._release(conn)
             return ws
-        self.sessions[session_id] = session
         self.metrics.inc("picospec_sessions_total")
-        log.info("session %s opened", session_id)
-        ops: collections.deque = collections.deque()
-        wake = asyncio.Event()
-        worker = asyncio.create_task(self._work_loop(ws, session_id, session, ops, wake))
+        self._log(logging.INFO, conn, "opened", "session opened", peer=request.remote)
+        worker = asyncio.create_task(self._work_loop(conn))
         try:
-            await self._read_loop(ws, session_id, session, ops, wake, worker)
+            await self._read_loop(conn, worker)
         finally:
             worker.cancel()
             await asyncio.gather(worker, return_exceptions=True)
-            self.sessions.pop(session_id, None)
-            session.engine.reset()  # frees this session's KV cache now, not at GC time
-            log.info("session %s closed", session_id)
+            self._release(conn)
+            s = conn.session
+            self.metrics.observe("picospec_session_seconds", time.monotonic() - conn.opened)
+            self._log(logging.INFO, conn, "closed", "session closed", passes=s.passes,
+                      drafted=s.drafted, accepted=s.accepted)
         return ws
 
-    async def _handshake(self, ws: web.WebSocketResponse, session_id: str) -> VerifySession:
+    def _release(self, conn: Conn) -> None:
+        """Forget a session: its slot, its quota, and its KV cache (now, not at GC time)."""
+        if conn.session is not None and self.sessions.pop(conn.sid, None) is not None:
+            conn.session.engine.reset()
+        if conn.quota_key is not None:
+            self.quota.release(conn.quota_key)
+            conn.quota_key = None
+
+    async def _handshake(self, conn: Conn, peer: str) -> None:
+        cfg = self.config
         try:
-            msg = await ws.receive(timeout=self.config.hello_timeout_s)
+            msg = await conn.ws.receive(timeout=cfg.hello_timeout_s)
         except asyncio.TimeoutError:
-            raise SessionError("timeout", f"no hello within {self.config.hello_timeout_s:g} s")
+            raise SessionError("timeout", f"no hello within {cfg.hello_timeout_s:g} s")
         if msg.type != WSMsgType.BINARY:
             raise SessionError("bad_frame", "expected a binary hello frame")
+        conn.bucket.take()
         hello = self._decode(msg.data)
         if not isinstance(hello, codec.Hello):
             raise SessionError("bad_message", f"expected hello, got {type(hello).__name__}")
-        if self.config.token is not None and not hmac.compare_digest(
-                (hello.token or "").encode(), self.config.token.encode()):
+        accepted = cfg.accepted_tokens
+        which = match_token(hello.token, accepted) if accepted else None
+        if accepted and which is None:
             raise SessionError("unauthorized", "missing or wrong access token")
-        if len(self.sessions) >= self.config.max_sessions:
-            raise SessionError("overloaded", f"the verifier serves {self.config.max_sessions} sessions at most")
         ok, reason = compatible_fingerprints(hello.fingerprint, self.fingerprint)
         if not ok:
             raise SessionError("model_mismatch", f"the draft cannot work with target {self.model_name}: {reason}")
@@ -142,87 +205,148 @@ class VerifierServer:
             raise SessionError("bad_message", f"bad sampling settings: {err}")
         if hello.variant not in ("exact", "paper"):
             raise SessionError("bad_message", f"unknown variant {hello.variant!r}; use 'exact' or 'paper'")
-        session = VerifySession(self.engine.fork(), params, hello.variant, hello.paper_top_k,
-                                eos_id=self.eos_id, max_context=self.config.max_context)
-        await ws.send_bytes(codec.encode(codec.Welcome(
-            session_id=session_id, fingerprint=self.fingerprint, model=self.model_name,
-            vocab_size=self.engine.vocab_size, server="picospec")))
-        return session
+        if len(self.sessions) >= cfg.max_sessions:
+            raise SessionError("overloaded", f"the verifier serves {cfg.max_sessions} sessions at most")
+        # one credential's sessions are capped so that it cannot take every slot
+        key = f"token#{which}" if which is not None else f"peer:{peer}"
+        if not self.quota.acquire(key):
+            raise SessionError("overloaded", f"{cfg.max_sessions_per_token} concurrent sessions per "
+                                             f"{'token' if which is not None else 'address'} at most")
+        conn.quota_key = key
+        # no await between the checks above and taking the slot: concurrent hellos cannot overfill
+        conn.session = VerifySession(self.engine.fork(), params, hello.variant, hello.paper_top_k,
+                                     eos_id=self.eos_id, max_context=self._max_context(),
+                                     max_queued_entries=cfg.max_queued_entries)
+        self.sessions[conn.sid] = conn.session
+        await self._send(conn, codec.Welcome(
+            session_id=conn.sid, fingerprint=self.fingerprint, model=self.model_name,
+            vocab_size=self.engine.vocab_size, server="picospec"))
+
+    def _max_context(self) -> int:
+        """The configured context limit, never past the positions the target was trained for."""
+        trained = getattr(getattr(self.engine, "model", None), "config", None)
+        trained = getattr(trained, "max_position_embeddings", None)
+        return min(self.config.max_context, int(trained)) if trained else self.config.max_context
 
     def _decode(self, data: bytes):
         try:
-            return codec.decode(data, vocab_size=self.engine.vocab_size)
+            return codec.decode(data, vocab_size=self.engine.vocab_size,
+                                max_frame=self.config.max_msg_size)
         except codec.CodecError as err:
             raise SessionError(err.code, err.message)
 
-    async def _refuse(self, ws: web.WebSocketResponse, session_id: str, err: SessionError) -> None:
+    async def _refuse(self, conn: Conn, err: SessionError) -> None:
+        """Say why (an Error message with its code), then close: the other sessions carry on."""
         self.metrics.inc("picospec_errors_total", kind=err.code)
-        log.warning("session %s refused: %s: %s", session_id, err.code, err.message)
+        self._log(logging.WARNING, conn, "refused", f"refused: {err.code}: {err.message}", code=err.code)
+        ws = conn.ws
         if not ws.closed:
             try:
-                await ws.send_bytes(codec.encode(codec.Error(code=err.code, message=err.message)))
-            except ConnectionError:
+                await ws.send_bytes(codec.encode(codec.Error(code=err.code, message=err.message[:codec.MAX_STR])))
+            except (ConnectionError, RuntimeError):
                 pass
-            await ws.close(code=1008 if err.code in ("unauthorized", "model_mismatch") else 1002,
+            await ws.close(code=1008 if err.code in ("unauthorized", "model_mismatch", "rate_limited") else 1002,
                            message=err.code.encode()[:120])
 
-    async def _read_loop(self, ws, session_id, session, ops, wake, worker) -> None:
+    async def _read_loop(self, conn: Conn, worker: asyncio.Task) -> None:
+        cfg, ws = self.config, conn.ws
         while not ws.closed:
+            now = time.monotonic()
             try:
-                msg = await ws.receive(timeout=self.config.idle_timeout_s)
+                msg = await ws.receive(timeout=max(0.05, conn.last_active + cfg.idle_timeout_s - now))
             except asyncio.TimeoutError:
-                await self._refuse(ws, session_id, SessionError("timeout", "session idle too long"))
-                return
+                # idle means neither side did anything: an edge waiting on a long pass is not idle
+                if conn.busy or conn.ops:
+                    conn.last_active = time.monotonic()
+                elif time.monotonic() - conn.last_active >= cfg.idle_timeout_s:
+                    self.metrics.inc("picospec_evictions_total")
+                    await self._refuse(conn, SessionError(
+                        "idle_timeout", f"session idle for {cfg.idle_timeout_s:g} s; reconnect to resume"))
+                    return
+                continue
             if msg.type in (WSMsgType.CLOSE, WSMsgType.CLOSING, WSMsgType.CLOSED):
                 return
             if msg.type == WSMsgType.ERROR:
-                err = ws.exception()
-                code = "too_large" if "size" in str(err).lower() else "bad_frame"
-                await self._refuse(ws, session_id, SessionError(code, f"websocket error: {err}"))
+                await self._on_ws_error(conn)
                 return
+            conn.last_active = time.monotonic()
             try:
+                if not conn.bucket.take():
+                    self.metrics.inc("picospec_rate_limited_total")
+                    raise SessionError("rate_limited", f"more than {cfg.msgs_per_s:g} messages a second "
+                                                       f"(burst {cfg.msg_burst:g})")
                 if msg.type != WSMsgType.BINARY:
                     raise SessionError("bad_frame", "PicoSpec frames are binary")
                 self.metrics.inc("picospec_bytes_up_total", len(msg.data))
+                self.metrics.inc("picospec_messages_up_total")
                 op = self._decode(msg.data)
                 if isinstance(op, codec.Close):
                     await ws.close()
                     return
-                if len(ops) >= self.config.max_queued_msgs:
-                    raise SessionError("overloaded", "too many messages queued; slow down")
+                if len(conn.ops) >= cfg.max_queued_msgs or conn.cost + op_cost(op) > cfg.max_queued_cost:
+                    raise SessionError("overloaded", "too many messages queued; wait for the replies")
             except SessionError as err:
-                await self._refuse(ws, session_id, err)
+                await self._refuse(conn, err)
                 return
-            ops.append(op)
-            wake.set()
+            conn.push(op)
             if worker.done():
                 return
 
-    async def _work_loop(self, ws, session_id, session: VerifySession, ops, wake) -> None:
+    async def _on_ws_error(self, conn: Conn) -> None:
+        err = conn.ws.exception()
+        text = str(err).lower()
+        if isinstance(err, asyncio.TimeoutError) or "pong" in text:  # a dead link: nobody to tell
+            self.metrics.inc("picospec_connections_lost_total")
+            self._log(logging.INFO, conn, "lost", f"connection lost: {err}")
+            return
+        code = "too_large" if "size" in text or getattr(err, "code", None) == 1009 else "bad_frame"
+        await self._refuse(conn, SessionError(code, f"websocket error: {err}"))
+
+    async def _work_loop(self, conn: Conn) -> None:
         loop = asyncio.get_running_loop()
+        session = conn.session
         try:
             while True:
-                while not ops:
-                    wake.clear()
-                    await wake.wait()
-                op = ops.popleft()
+                while not conn.ops:
+                    conn.wake.clear()
+                    await conn.wake.wait()
+                op = conn.pop()
+                conn.busy = True
                 if isinstance(op, codec.Prompt):
-                    seconds = await loop.run_in_executor(self.executor, session.set_prompt, op.ids,
-                                                         op.max_new_tokens)
-                    self.metrics.observe("picospec_prefill_seconds", seconds)
-                    await self._send(ws, codec.Prefilled(committed_len=len(session.context),
-                                                         epoch=session.epoch, prefill_s=seconds))
+                    await self._prefill(conn, op, loop)
                 elif isinstance(op, codec.Draft):
                     self._queue_draft(session, op)
-                    await self._verify_queued(ws, session, ops, loop)
+                    await self._verify_queued(conn, loop)
                 elif isinstance(op, codec.Generate):
-                    await self._generate(ws, session, op.max_new_tokens, loop)
+                    await self._generate(conn, op.max_new_tokens, loop)
                 else:
                     raise SessionError("bad_message", f"unexpected {type(op).__name__} from the edge")
+                conn.busy = False
+                conn.last_active = time.monotonic()
         except SessionError as err:
-            await self._refuse(ws, session_id, err)
+            await self._refuse(conn, err)
         except (ConnectionError, RuntimeError) as err:  # the edge went away mid-send
-            log.info("session %s: connection lost: %s", session_id, err)
+            self._log(logging.INFO, conn, "lost", f"connection lost: {err}")
+        except Exception as err:  # a bug here must cost this session only, and say so
+            log.exception("session %s: internal error", conn.sid, extra={"session": conn.sid})
+            await self._refuse(conn, SessionError("internal", f"the verifier failed: {type(err).__name__}"))
+
+    async def _prefill(self, conn: Conn, op, loop) -> None:
+        """Prompt -> Prefilled, one executor job per chunk so a long prompt shares the worker."""
+        session = conn.session
+        t0 = time.perf_counter()
+        rest = session.begin_prompt(op.ids, op.max_new_tokens)
+        last = None
+        for start in range(0, len(rest), PREFILL_CHUNK):
+            rows = await loop.run_in_executor(self.executor, session.engine.forward,
+                                              rest[start:start + PREFILL_CHUNK])
+            last = rows[-1]
+        session.end_prompt(op.ids, op.max_new_tokens, last)
+        seconds = time.perf_counter() - t0
+        self.metrics.observe("picospec_prefill_seconds", seconds)
+        self.metrics.inc("picospec_prefill_tokens_total", len(rest))
+        await self._send(conn, codec.Prefilled(committed_len=len(session.context), epoch=session.epoch,
+                                               prefill_s=seconds))
 
     def _queue_draft(self, session: VerifySession, op) -> None:
         block = Block(epoch=op.epoch, pos=op.pos, ids=list(op.ids[op.forced:]),
@@ -232,44 +356,69 @@ class VerifierServer:
         if not session.add_draft(block):
             self.metrics.inc("picospec_stale_drafts_total", len(op.ids))
 
-    async def _verify_queued(self, ws, session: VerifySession, ops, loop) -> None:
+    async def _verify_queued(self, conn: Conn, loop) -> None:
         """Verify what is queued, pass after pass, merging drafts that arrive meanwhile."""
+        session = conn.session
         while True:
             # drafts that arrived during the last pass join this one (stale ones are dropped)
-            while ops and isinstance(ops[0], codec.Draft):
-                self._queue_draft(session, ops.popleft())
+            while conn.ops and isinstance(conn.ops[0], codec.Draft):
+                self._queue_draft(session, conn.pop())
             block = session.take_block(self.config.max_block)
             if block is None:
                 return
+            submitted = time.perf_counter()
             result = await loop.run_in_executor(self.executor, session.compute_pass, block)
             epoch = session.apply_pass(block, result)
-            self.metrics.inc("picospec_verify_passes_total")
-            self.metrics.inc("picospec_drafted_tokens_total", len(block.ids))
-            self.metrics.inc("picospec_accepted_tokens_total", result.accepted)
-            self.metrics.observe("picospec_verify_seconds", result.verify_s)
-            await self._send(ws, codec.Verdict(
+            m = self.metrics
+            m.inc("picospec_verify_passes_total")
+            m.inc("picospec_drafted_tokens_total", len(block.ids))
+            m.inc("picospec_accepted_tokens_total", result.accepted)
+            m.observe("picospec_verify_seconds", result.verify_s)
+            # time the pass waited behind other sessions' work on the one worker
+            m.observe("picospec_verify_wait_seconds",
+                      max(0.0, time.perf_counter() - submitted - result.verify_s))
+            await self._send(conn, codec.Verdict(
                 epoch=block.epoch, pos=block.pos, accepted=result.accepted, token=result.token,
                 kind=result.kind, new_epoch=epoch, verify_s=result.verify_s,
                 top_ids=result.top_ids, top_probs=result.top_probs, seq=block.seq))
 
-    async def _generate(self, ws, session: VerifySession, max_new_tokens: int, loop) -> None:
+    async def _generate(self, conn: Conn, max_new_tokens: int, loop) -> None:
         """Cloud-only decoding: one target token per forward pass, streamed as it is committed."""
+        session = conn.session
         if not session.prompt_len:
             raise SessionError("bad_message", "generate before any prompt")
         limit = min(max_new_tokens, session.max_context - len(session.context))
         for i in range(limit):
             token = await loop.run_in_executor(self.executor, session.next_target_token)
+            self.metrics.inc("picospec_generated_tokens_total")
             done = token == session.eos_id or i == limit - 1
-            await self._send(ws, codec.Tokens(pos=len(session.context) - 1, ids=[token], done=done))
+            await self._send(conn, codec.Tokens(pos=len(session.context) - 1, ids=[token], done=done))
             if done:
                 return
         if limit <= 0:
-            await self._send(ws, codec.Tokens(pos=len(session.context), ids=[], done=True))
+            await self._send(conn, codec.Tokens(pos=len(session.context), ids=[], done=True))
 
-    async def _send(self, ws: web.WebSocketResponse, msg) -> None:
+    async def _send(self, conn: Conn, msg) -> None:
         data = codec.encode(msg)
         self.metrics.inc("picospec_bytes_down_total", len(data))
-        await ws.send_bytes(data)
+        self.metrics.inc("picospec_messages_down_total")
+        await conn.ws.send_bytes(data)
+        conn.last_active = time.monotonic()
+
+    def _log(self, level: int, conn: Conn, event: str, text: str, **fields) -> None:
+        log.log(level, "session %s %s", conn.sid, text, extra={"session": conn.sid, "event": event, **fields})
+
+
+def server_ssl(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """TLS for wss://: the certificate chain and its key (PEM files); None serves plain ws://."""
+    if not cert:
+        if key:
+            raise ValueError("--tls-key needs --tls-cert")
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(cert, key)
+    return ctx
 
 
 def compatible_fingerprints(draft: dict, target: dict) -> tuple[bool, str]:
@@ -282,6 +431,6 @@ def compatible_fingerprints(draft: dict, target: dict) -> tuple[bool, str]:
         return False, f"malformed tokenizer fingerprint: {err}"
 
 
-def ready_line(port: int, model: str) -> str:
+def ready_line(port: int, model: str, scheme: str = "http") -> str:
     """The line a parent process waits for before it connects."""
-    return json.dumps({"event": "ready", "port": port, "model": model, "time": time.time()})
+    return json.dumps({"event": "ready", "port": port, "model": model, "scheme": scheme, "time": time.time()})

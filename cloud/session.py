@@ -79,13 +79,18 @@ class VerifySession:
     per-session work loop guarantees it); `compute_pass` may run on a worker thread."""
 
     def __init__(self, engine, params: SamplingParams, variant: str = "exact",
-                 paper_top_k: int = 8, eos_id: int | None = None, max_context: int = 32768):
+                 paper_top_k: int = 8, eos_id: int | None = None, max_context: int = 32768,
+                 max_queued_entries: int = 1 << 21):
         self.engine = engine
         self.params = params
         self.variant = variant
         self.paper_top_k = paper_top_k
         self.eos_id = eos_id
         self.max_context = max_context
+        # drafted ids plus their distributions' entries waiting in `queue`: what a hostile edge
+        # could make this session hold beyond its KV cache
+        self.max_queued_entries = max_queued_entries
+        self.queued_entries = 0
         self.rng = np.random.default_rng(params.seed)
         self.context: list[int] = []
         self.pending_row: torch.Tensor | None = None
@@ -102,23 +107,37 @@ class VerifySession:
     # -- the committed prefix ----------------------------------------------------------------
     def set_prompt(self, ids: list[int], max_new_tokens: int) -> float:
         """(Re)start from a committed context; keeps the cached common prefix. Returns seconds."""
+        t0 = time.perf_counter()
+        last = self.engine.prefill(self.begin_prompt(ids, max_new_tokens))
+        self.end_prompt(ids, max_new_tokens, last)
+        return time.perf_counter() - t0
+
+    def begin_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Check a new context and roll the cache back to the common prefix; returns the ids still
+        to prefill (the server feeds them chunk by chunk, so other sessions' passes interleave)."""
         if not ids:
             raise SessionError("bad_message", "the prompt is empty")
         if len(ids) + max_new_tokens > self.max_context:
             raise SessionError("too_large", f"prompt {len(ids)} + {max_new_tokens} new tokens exceeds "
                                             f"the context limit {self.max_context}")
-        t0 = time.perf_counter()
         keep = min(self.engine.common_prefix_keep(self.context, ids), len(ids) - 1)
         self.engine.rollback(keep)
-        last = self.engine.prefill(ids[keep:])
+        # the context is unknown until end_prompt: an interrupted prefill leaves nothing to reuse
+        self.context, self.prompt_len, self.pending_row = [], 0, None
+        return ids[keep:]
+
+    def end_prompt(self, ids: list[int], max_new_tokens: int, last_row: torch.Tensor) -> None:
         self.context = list(ids)
-        self.pending_row = last
+        self.pending_row = last_row
         self.awaiting_forced = False
         self.epoch += 1
-        self.queue.clear()
+        self._clear_queue()
         self.prompt_len = len(ids)
         self.max_new_tokens = max_new_tokens
-        return time.perf_counter() - t0
+
+    def _clear_queue(self) -> None:
+        self.queue.clear()
+        self.queued_entries = 0
 
     @property
     def generated(self) -> int:
@@ -145,8 +164,14 @@ class VerifySession:
             raise SessionError("bad_message", "sampling drafts must carry their distributions")
         if not self.params.greedy and self.variant == "paper" and block.q_scalar is None and block.ids:
             raise SessionError("bad_message", "paper-variant drafts must carry q(x)")
+        if not block.ids and not block.forced:
+            raise SessionError("bad_message", "an empty draft")
         if self.expected_pos() + len(block.forced) + len(block.ids) > self.max_context:
             raise SessionError("too_large", "the draft runs past the context limit")
+        entries = _entries(block)
+        if self.queued_entries + entries > self.max_queued_entries:
+            raise SessionError("overloaded", "too many drafted tokens waiting for verification")
+        self.queued_entries += entries
         self.queue.append(block)
         return True
 
@@ -155,12 +180,14 @@ class VerifySession:
         if not self.queue:
             return None
         first = self.queue.pop(0)
+        self.queued_entries -= _entries(first)
         merged = Block(first.epoch, first.pos + len(first.forced), list(first.ids),
                        list(first.dists) if first.dists is not None else None,
                        list(first.q_scalar) if first.q_scalar is not None else None,
                        list(first.forced), first.wait, first.seq)
         while self.queue and len(merged.ids) + len(self.queue[0].ids) <= max_block and not self.queue[0].forced:
             nxt = self.queue.pop(0)
+            self.queued_entries -= _entries(nxt)
             merged.ids += nxt.ids
             if merged.dists is not None and nxt.dists is not None:
                 merged.dists += nxt.dists
@@ -178,6 +205,7 @@ class VerifySession:
             merged.q_scalar = merged.q_scalar[:max_block] if merged.q_scalar is not None else None
             merged.wait = False
             self.queue.insert(0, tail)
+            self.queued_entries += _entries(tail)
         return merged
 
     # -- one verify pass ---------------------------------------------------------------------
@@ -250,7 +278,7 @@ class VerifySession:
             self.context.append(result.token)
         if result.kind:  # the edge's later drafts no longer follow the committed prefix
             self.epoch += 1
-            self.queue.clear()
+            self._clear_queue()
         return self.epoch
 
     # -- cloud-only decoding -----------------------------------------------------------------
@@ -262,3 +290,8 @@ class VerifySession:
         self.context.append(token)
         self.pending_row = None
         return token
+
+
+def _entries(block: Block) -> int:
+    """Memory a queued block holds, in ids: its tokens and their distributions' supports."""
+    return len(block.ids) + len(block.forced) + sum(len(d.ids) for d in block.dists or ())

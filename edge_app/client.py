@@ -33,6 +33,8 @@ class EdgeConfig:
     reconnect_s: float = 8.0  # how long to keep retrying a lost verifier before going edge-only
     edge_fallback: bool = True  # continue with the draft alone (labelled) while the cloud is away
     retry_interval_s: float = 5.0  # while edge-only, how often to look for the verifier again
+    connect_timeout_s: float = 10.0  # one connection attempt, TCP to welcome
+    ca_cert: str | None = None  # PEM file to trust for a wss:// verifier (a self-signed cert)
 
 
 class EdgeClient:
@@ -53,6 +55,7 @@ class EdgeClient:
         self.stop_ids: tuple[int, ...] = ()
         self.draft_name = ""
         self.cloud_available = True
+        self._last_notice: str | None = None
         # notices for the user ("cloud unreachable", "cloud back"); the REPL replaces this
         self.on_notice = lambda text: print(f"picospec: {text}", file=sys.stderr, flush=True)
 
@@ -108,7 +111,8 @@ class EdgeClient:
             self.drafter.close()
             self.drafter = None
 
-    async def _session(self, options: GenerateOptions, fresh: bool = False) -> CloudLink:
+    async def _session(self, options: GenerateOptions, fresh: bool = False,
+                       connect_timeout_s: float | None = None) -> CloudLink:
         """A verifier session whose sampling settings match `options` (reconnects if they differ)."""
         key = (options.params, options.variant, options.paper_top_k)
         if (not fresh and self.link is not None and self.link.connected and self._link_key == key
@@ -118,7 +122,9 @@ class EdgeClient:
             await self.link.close()
             self.link = None
         p = options.params
-        link = CloudLink(self.cloud_url, reply_timeout_s=self.config.reply_timeout_s)
+        link = CloudLink(self.cloud_url, reply_timeout_s=self.config.reply_timeout_s,
+                         connect_timeout_s=connect_timeout_s or self.config.connect_timeout_s,
+                         ca_cert=self.config.ca_cert)
         await link.connect(codec.Hello(
             fingerprint=self.fingerprint,
             sampling={"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed},
@@ -148,7 +154,9 @@ class EdgeClient:
         """One answer in the chosen mode. Raises CloudError when the verifier refuses or vanishes."""
         options = replace(options, stop_ids=options.stop_ids or self.stop_ids)
         link = None
-        if options.mode != "edge":
+        # a verifier known to be away is not waited for: the answer starts edge-only and the
+        # pipeline looks for the verifier in the background
+        if options.mode != "edge" and (self.cloud_available or not self.config.edge_fallback):
             try:
                 link = await self._session(options)
             except CloudError as err:
@@ -167,16 +175,24 @@ class EdgeClient:
     async def _reconnect(self, options: GenerateOptions, err: CloudError | None) -> CloudLink | None:
         """A new session after a lost one, retried with backoff for up to reconnect_s; None if the
         verifier stays away and edge-only fallback is allowed (else the error is raised)."""
-        deadline = asyncio.get_running_loop().time() + (self.config.reconnect_s if err else 0.0)
+        loop = asyncio.get_running_loop()
+        if err is not None and not self.cloud_available and self.config.edge_fallback:
+            return None  # known to be away: the edge-only loop's background probe looks for it
+        deadline = loop.time() + (self.config.reconnect_s if err else 0.0)
         delay = 0.25
         while True:
             try:
-                link = await self._session(options, fresh=True)
+                # an attempt never runs past the deadline (one full attempt when there is none)
+                left = deadline - loop.time()
+                timeout = min(self.config.connect_timeout_s, left) if left > 0.5 else None
+                link = await self._session(options, fresh=True, connect_timeout_s=timeout)
                 self.cloud_available = True
                 return link
             except CloudError as last:
+                if last.code not in RETRYABLE:
+                    raise  # a refusal (token, model) will not change by retrying
                 err = err or last
-                if asyncio.get_running_loop().time() + delay > deadline:
+                if loop.time() + delay > deadline:
                     break
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
@@ -186,7 +202,10 @@ class EdgeClient:
         return None
 
     def _notice(self, text: str) -> None:
-        self.on_notice(text)
+        """Tell the user once per change: an outage spanning answers is announced once."""
+        if text != self._last_notice:
+            self._last_notice = text
+            self.on_notice(text)
 
 
 def _stop_ids(drafter: Drafter, meta: dict) -> tuple[int, ...]:

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 
 import aiohttp
 
 import codec
+
+# A graceful close waits for the peer's close frame; over a dead or stalled link that wait is
+# pure delay before a reconnect, so it is short.
+CLOSE_TIMEOUT_S = 1.0
 
 
 class CloudError(RuntimeError):
@@ -20,10 +25,12 @@ class CloudError(RuntimeError):
 class CloudLink:
     """One WebSocket session with the verifier. Reads happen in one reader task; sends anywhere."""
 
-    def __init__(self, url: str, *, connect_timeout_s: float = 30.0, reply_timeout_s: float = 120.0):
+    def __init__(self, url: str, *, connect_timeout_s: float = 30.0, reply_timeout_s: float = 120.0,
+                 ca_cert: str | None = None):
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/ws") else "/ws")
         self.connect_timeout_s = connect_timeout_s
         self.reply_timeout_s = reply_timeout_s
+        self.ssl = client_ssl(self.url, ca_cert)
         self.bytes_up = 0
         self.bytes_down = 0
         self.messages_up = 0
@@ -35,13 +42,29 @@ class CloudLink:
         self._reader: asyncio.Task | None = None
 
     async def connect(self, hello: codec.Hello) -> codec.Welcome:
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.connect_timeout_s)
-        self._http = aiohttp.ClientSession(timeout=timeout)
+        """Open the WebSocket and exchange hello / welcome, all within connect_timeout_s.
+
+        The whole handshake is bounded: a verifier behind a stalled link accepts TCP and then
+        says nothing, and an unbounded HTTP upgrade would hang the reconnect loop for as long.
+        """
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
         try:
-            self._ws = await self._http.ws_connect(self.url, max_msg_size=codec.MAX_FRAME, heartbeat=30.0)
-        except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as err:
+            return await asyncio.wait_for(self._handshake(hello), self.connect_timeout_s)
+        except asyncio.TimeoutError as err:
+            await self.close()
+            raise CloudError("unreachable", f"no answer from the verifier at {self.url} within "
+                                            f"{self.connect_timeout_s:g} s") from err
+        except (aiohttp.ClientError, OSError, ssl.SSLError) as err:
             await self.close()
             raise CloudError("unreachable", f"cannot reach the verifier at {self.url}: {err}") from err
+        except BaseException:  # a refusal (CloudError) or a cancelled reconnect: free the socket
+            await self.close()
+            raise
+
+    async def _handshake(self, hello: codec.Hello) -> codec.Welcome:
+        self._ws = await self._http.ws_connect(
+            self.url, max_msg_size=codec.MAX_FRAME, heartbeat=30.0, ssl=self.ssl,
+            timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT_S))
         self._reader = asyncio.create_task(self._read_loop())
         await self.send(hello)
         reply = await self.recv()
@@ -109,7 +132,9 @@ class CloudLink:
 
     @property
     def connected(self) -> bool:
-        return self._ws is not None and not self._ws.closed
+        """Open and not known to be broken (the reader stops at an Error, a close or a reset)."""
+        reading = self._reader is not None and not self._reader.done()
+        return self._ws is not None and not self._ws.closed and reading
 
     async def close(self) -> None:
         if self._ws is not None and not self._ws.closed:
@@ -117,10 +142,27 @@ class CloudLink:
                 await self._ws.send_bytes(codec.encode(codec.Close(reason="bye")))
             except (ConnectionError, RuntimeError, aiohttp.ClientError):
                 pass
-            await self._ws.close()
+            try:  # bounded by ws_close; a broken transport may raise instead of answering
+                await self._ws.close()
+            except (ConnectionError, RuntimeError, aiohttp.ClientError, asyncio.TimeoutError):
+                pass
         if self._reader is not None:
             self._reader.cancel()
             await asyncio.gather(self._reader, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
 
+
+
+def client_ssl(url: str, ca_cert: str | None) -> ssl.SSLContext | bool:
+    """What aiohttp's ssl= takes for this URL: wss:// verifies the verifier's certificate against
+    the system's roots, or against ca_cert alone (a self-signed or private CA) when given."""
+    if not url.startswith("wss://"):
+        if ca_cert:
+            raise ValueError(f"a CA certificate was given but {url} is not a wss:// URL")
+        return True  # plain ws://: aiohttp ignores it
+    if ca_cert is None:
+        return True
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_cert)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx

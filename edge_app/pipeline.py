@@ -28,7 +28,8 @@ from edge_app.policy import Ema, choose_plan
 from sampling import SamplingParams, SparseDist, draft_dist, recover_from_top_k, sample_sparse
 
 MODES = ("pipeline", "sync", "cloud", "edge")
-RETRYABLE = ("disconnected", "timeout", "unreachable")
+# "idle_timeout": the verifier evicted a session that sat idle; a new one resumes the answer
+RETRYABLE = ("disconnected", "timeout", "unreachable", "idle_timeout")
 
 # on_commit(new_committed_ids, speculative_ids): called whenever the committed text grows
 CommitCallback = Callable[[list[int], list[int]], None]
@@ -209,21 +210,32 @@ class Pipeline:
                     "(edge-only tokens are not target quality)")
         self._reset_speculation()
         await self._resync_drafter()
+        self._bytes0 = None  # no link now; a new one starts its own byte count
         next_try = time.monotonic() + self.retry_interval_s
-        while self.done_reason is None:
-            start = len(self.committed) - self.n_prompt
-            token, _ = await self._drafter_call("draft", self._draft_one)
-            self.stats.drafted += 1
-            self.stats.edge_only_tokens += 1
-            self.edge_spans.append((start, start + 1))
-            self._commit([token])
-            if time.monotonic() >= next_try and self.done_reason is None:
-                self.link = await self.reconnect(None)
-                if self.link is not None:
-                    self.epoch = 0
-                    self.notice("the verifier is back: answers are target quality again")
-                    return
-                next_try = time.monotonic() + self.retry_interval_s
+        # the probe runs beside the drafting: a verifier behind a stalled link may take the whole
+        # connect timeout to fail, and the answer must not stop meanwhile
+        probe: asyncio.Future | None = None
+        try:
+            while self.done_reason is None:
+                start = len(self.committed) - self.n_prompt
+                token, _ = await self._drafter_call("draft", self._draft_one)
+                self.stats.drafted += 1
+                self.stats.edge_only_tokens += 1
+                self.edge_spans.append((start, start + 1))
+                self._commit([token])
+                if probe is None and time.monotonic() >= next_try:
+                    probe = asyncio.ensure_future(self.reconnect(None))
+                if probe is not None and probe.done():
+                    link, probe = probe.result(), None
+                    if link is not None:
+                        self.link, self.epoch = link, 0
+                        self.notice("the verifier is back: answers are target quality again")
+                        return
+                    next_try = time.monotonic() + self.retry_interval_s
+        finally:
+            if probe is not None and not probe.done():
+                probe.cancel()
+                await asyncio.gather(probe, return_exceptions=True)
 
     def _edge_spans(self, n: int) -> list[tuple[int, int]]:
         """Merged [start, end) ranges of generated tokens that only the draft produced."""

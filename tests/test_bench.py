@@ -99,7 +99,7 @@ def synthetic():
                spec("pipeline", 50, 1.0), spec("pipeline", 150, 2.0, ids=(1, 2, 9, 4)),
                rec("hf-assisted", None, wall=1.6, accepted=3, rounds=2),
                rec("edge", None, wall=0.5, ids=(1, 2, 7, 7))]
-    run_info = {("sync", 50): {"t_rtt_est_s": 0.06}, ("sync", 150): {"t_rtt_est_s": 0.16},
+    run_info = {("link", 50): {"measured_rtt_s": 0.06}, ("link", 150): {"measured_rtt_s": 0.16},
                 ("cloud", 50): {"energy": {"joules": 8.0, "source": "estimate",
                                            "formula": "idle_W*wall_s + ... = 2*4"}}}
     return records, run_info
@@ -144,7 +144,7 @@ def test_bound_uses_policy_with_measured_parameters():
     params = pipe["model_params"]
     assert params["a"] == pytest.approx(0.75) and params["g"] == 4
     assert params["t_draft_ms"] == pytest.approx(50.0) and params["t_verify_ms"] == pytest.approx(200.0)
-    assert params["rtt_overhead_ms"] == pytest.approx(10.0)  # sync measured 160 ms at 150 ms configured
+    assert params["rtt_overhead_ms"] == pytest.approx(10.0)  # 160 ms measured at 150 ms configured
     expected = pipeline_rate(0.75, 4, 0.05, 0.16, 0.2)
     assert pipe["bound_tokens_per_s"] == pytest.approx(expected)
     assert pipe["fraction_of_bound"] == pytest.approx(2.0 / expected)

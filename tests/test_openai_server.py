@@ -155,7 +155,7 @@ def test_one_generation_at_a_time():
 @pytest.fixture(scope="module")
 def edge_server():
     """`picospec edge-serve --port 0` with the default models (local verifier), started once."""
-    proc = subprocess.Popen([sys.executable, "-m", "picospec.cli", "edge-serve", "--port", "0"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "picospec.cli", "edge-serve", "--port", "0", "--dtype", "float32"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline, lines = time.monotonic() + 600, []

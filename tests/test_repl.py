@@ -125,7 +125,7 @@ def test_save_writes_the_conversation(loop, tmp_path):
 
 
 # -- the real command ------------------------------------------------------------------------
-CHAT = [sys.executable, "-m", "picospec.cli", "chat"]
+CHAT = [sys.executable, "-m", "picospec.cli", "chat", "--dtype", "float32"]  # float32: fast on any CPU
 
 
 def answers(path: Path) -> list[str]:
