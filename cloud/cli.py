@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import signal
 import sys
@@ -20,10 +19,24 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--token", default=os.environ.get("PICOSPEC_TOKEN"),
                    help="shared secret edges must present (default $PICOSPEC_TOKEN; unset = open)")
+    p.add_argument("--tokens-file", default=None,
+                   help="more accepted tokens, one per line (one per edge fleet: limits count per token)")
     p.add_argument("--max-sessions", type=int, default=64)
+    p.add_argument("--max-sessions-per-token", type=int, default=8,
+                   help="concurrent sessions per token (per peer address on an open server); 0 = no limit")
     p.add_argument("--max-block", type=int, default=16, help="most drafted tokens verified in one pass")
-    p.add_argument("--idle-timeout", type=float, default=300.0, help="seconds before an idle session is closed")
+    p.add_argument("--max-context", type=int, default=32768, help="most tokens (prompt + answer) per session")
+    p.add_argument("--idle-timeout", type=float, default=300.0,
+                   help="seconds before an idle session is evicted (its KV cache freed; the edge resumes)")
+    p.add_argument("--hello-timeout", type=float, default=10.0, help="seconds a new connection has to say hello")
+    p.add_argument("--max-msg-size", type=int, default=4 << 20, help="largest frame in bytes")
+    p.add_argument("--max-msgs-per-s", type=float, default=400.0,
+                   help="messages a second per connection, steady (0 = no limit)")
+    p.add_argument("--msg-burst", type=float, default=800.0, help="messages per connection allowed at once")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve wss:// (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-json", action="store_true", help="logs as JSON lines (with session ids)")
 
 
 def register(sub) -> None:
@@ -35,28 +48,48 @@ def register(sub) -> None:
 def build_server(args):
     """Load the target and wrap it in a VerifierServer (not started)."""
     from cloud.engine import EngineConfig, TargetEngine
-    from cloud.server import ServerConfig, VerifierServer
+    from cloud.server import VerifierServer
     from models.fingerprint import from_gguf, from_hf_dir
     from models.resolve import ensure_ready, resolve_target
 
+    config = server_config(args)
     spec = resolve_target(args.target)
     path = ensure_ready(spec, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
     spec = type(spec)(**{**spec.__dict__, "path": path})
     engine = TargetEngine.load(spec, EngineConfig(dtype=args.dtype, device=args.device, threads=args.threads))
     fingerprint = (from_gguf(path) if spec.kind == "gguf" else from_hf_dir(path)).to_dict()
-    config = ServerConfig(host=args.host, port=args.port, token=args.token or None,
-                          max_sessions=args.max_sessions, max_block=args.max_block,
-                          idle_timeout_s=args.idle_timeout)
     return VerifierServer(engine, fingerprint, spec.name, config)
+
+
+def server_config(args):
+    """ServerConfig from the serve flags (checks the TLS files load before the model does)."""
+    from cloud.server import ServerConfig, server_ssl
+
+    server_ssl(args.tls_cert, args.tls_key)  # a wrong path or key fails now, with its reason
+    return ServerConfig(
+        host=args.host, port=args.port, token=args.token or None, tokens=read_tokens(args.tokens_file),
+        max_sessions=args.max_sessions, max_sessions_per_token=args.max_sessions_per_token,
+        max_block=args.max_block, max_context=args.max_context, idle_timeout_s=args.idle_timeout,
+        hello_timeout_s=args.hello_timeout, max_msg_size=args.max_msg_size,
+        msgs_per_s=args.max_msgs_per_s, msg_burst=args.msg_burst,
+        tls_cert=args.tls_cert, tls_key=args.tls_key)
+
+
+def read_tokens(path: str | None) -> tuple[str, ...]:
+    if not path:
+        return ()
+    with open(path) as f:
+        return tuple(line.strip() for line in f if line.strip() and not line.startswith("#"))
 
 
 async def serve_forever(server) -> None:
     from cloud.server import ready_line
 
     port = await server.start()
-    print(ready_line(port, server.model_name), flush=True)
-    print(f"picospec verifier: {server.model_name} on http://{server.config.host}:{port} "
-          f"(WebSocket /ws, /healthz, /metrics)", file=sys.stderr, flush=True)
+    print(ready_line(port, server.model_name, server.scheme), flush=True)
+    ws = "wss" if server.scheme == "https" else "ws"
+    print(f"picospec verifier: {server.model_name} on {server.scheme}://{server.config.host}:{port} "
+          f"({ws}:// /ws, /healthz, /metrics)", file=sys.stderr, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -66,13 +99,13 @@ async def serve_forever(server) -> None:
 
 
 def run(args) -> int:
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from cloud.logs import setup_logging
     from models.errors import ModelError
 
+    setup_logging(args.log_level, json_lines=args.log_json)
     try:
         server = build_server(args)
-    except ModelError as err:
+    except (ModelError, OSError, ValueError) as err:  # a missing model, TLS file or tokens file
         print(f"picospec serve: {err}", file=sys.stderr)
         return 2
     asyncio.run(serve_forever(server))

@@ -26,6 +26,11 @@ from cloud.session import Block, SessionError, VerifySession
 from sampling import SamplingParams
 
 log = logging.getLogger("picospec.cloud")
+COUNTERS = ("picospec_sessions_total", "picospec_verify_passes_total", "picospec_drafted_tokens_total",
+            "picospec_accepted_tokens_total", "picospec_bytes_up_total", "picospec_bytes_down_total",
+            "picospec_messages_up_total", "picospec_messages_down_total", "picospec_evictions_total",
+            "picospec_rate_limited_total", "picospec_connections_lost_total", "picospec_prefill_tokens_total",
+            "picospec_generated_tokens_total", "picospec_stale_drafts_total")
 PREFILL_CHUNK = 512  # prompt tokens per forward pass; other sessions' passes run between chunks
 
 
@@ -94,8 +99,11 @@ class VerifierServer:
         self.eos_id = eos_id if eos_id is not None else fingerprint.get("eos_id")
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self.metrics = Metrics()
+        for name in COUNTERS:  # present from the start at 0, so a scraper's rate() has a baseline
+            self.metrics.inc(name, 0)
         self.sessions: dict[str, VerifySession] = {}
         self.quota = SessionQuota(config.max_sessions_per_token)
+        self._conns: set[Conn] = set()
         self.app = web.Application()
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/metrics", self.metrics_route)
@@ -114,6 +122,9 @@ class VerifierServer:
         return self.port
 
     async def stop(self) -> None:
+        # close every session first: the runner would otherwise wait for their handlers to end
+        for conn in list(self._conns):
+            await conn.ws.close(code=1001, message=b"verifier shutting down")
         if self._runner:
             await self._runner.cleanup()
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -155,9 +166,11 @@ class VerifierServer:
         self.metrics.inc("picospec_sessions_total")
         self._log(logging.INFO, conn, "opened", "session opened", peer=request.remote)
         worker = asyncio.create_task(self._work_loop(conn))
+        self._conns.add(conn)
         try:
             await self._read_loop(conn, worker)
         finally:
+            self._conns.discard(conn)
             worker.cancel()
             await asyncio.gather(worker, return_exceptions=True)
             self._release(conn)

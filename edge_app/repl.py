@@ -125,10 +125,10 @@ class LoopThread:
                     return None, True
                 raise
 
-        future = asyncio.run_coroutine_threadsafe(guarded(), self.loop)
+        # the handler goes in first: a Ctrl-C at any moment from here on cancels, never raises
         previous = signal.signal(signal.SIGINT, lambda *_: self.loop.call_soon_threadsafe(cancel))
         try:
-            return future.result()
+            return asyncio.run_coroutine_threadsafe(guarded(), self.loop).result()
         finally:
             signal.signal(signal.SIGINT, previous)
 
@@ -194,8 +194,13 @@ class Chat:
             if line.startswith("/"):
                 if not self.command(*parse_command(line)):
                     return
-            else:
+                continue
+            try:
                 self.answer(line)
+            except KeyboardInterrupt:  # Ctrl-C before the answer's own handler was in place
+                self.say("\n[interrupted]", dim=True)
+                if self.turns and self.turns[-1]["role"] == "user":
+                    self.turns.pop()
 
     # -- one answer --------------------------------------------------------------------------
     def answer(self, text: str) -> None:

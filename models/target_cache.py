@@ -25,6 +25,7 @@ from .resolve import ModelSpec, ensure_ready
 from .store import Progress, cache_dir, file_sha256
 
 DTYPES = ("bfloat16", "float16", "float32")
+STORE_DTYPE = "float32"  # the dtype of the cached copy of a GGUF target
 _MARKER = "picospec.json"  # written last inside the copy; its presence means "complete"
 
 
@@ -128,7 +129,9 @@ def load_target(spec: ModelSpec, dtype: str = "bfloat16", device: str = "cpu",
     if spec.kind != "gguf":
         raise ModelError(f"cannot load a target of kind {spec.kind!r}")
     sha = source_sha256(spec, progress)
-    copy_dir = cached_copy_dir(sha, dtype, cache)
+    # One float32 copy serves every dtype: casting it gives the same weights as dequantising the
+    # GGUF straight to bf16, and a fresh machine converts once instead of once per dtype.
+    copy_dir = cached_copy_dir(sha, STORE_DTYPE, cache)
     if is_complete(copy_dir):
         try:
             return _load_dir(copy_dir, dtype, device)
@@ -137,15 +140,15 @@ def load_target(spec: ModelSpec, dtype: str = "bfloat16", device: str = "cpu",
                              f"delete that directory and it will be rebuilt from the GGUF") from exc
     gguf_path = ensure_ready(spec, progress)
     if progress:
-        progress(f"converting {gguf_path.name} to {dtype} (first time only, about a minute)")
+        progress(f"converting {gguf_path.name} to a {STORE_DTYPE} safetensors copy (first time only, a few minutes)")
     t0 = time.monotonic()
-    model, tokenizer = _load_gguf(gguf_path, dtype)
-    record = {"source": str(gguf_path), "sha256": sha, "dtype": dtype,
+    model, tokenizer = _load_gguf(gguf_path, STORE_DTYPE)
+    record = {"source": str(gguf_path), "sha256": sha, "dtype": STORE_DTYPE,
               "converted_s": round(time.monotonic() - t0, 1), "created": time.time()}
     if not _is_dense(model):
         if progress:
             progress("the target loaded with GGUF-packed layers; not caching a safetensors copy")
-        return model.to(device), tokenizer
+        return model.to(dtype=_torch_dtype(dtype), device=device), tokenizer
     try:
         import transformers
         record["transformers"] = transformers.__version__
@@ -153,9 +156,9 @@ def load_target(spec: ModelSpec, dtype: str = "bfloat16", device: str = "cpu",
     except OSError as exc:  # a full or read-only disk costs speed next time, not this load
         if progress:
             progress(f"could not save the target copy in {copy_dir}: {exc}")
-        return model.to(device), tokenizer
+        return model.to(dtype=_torch_dtype(dtype), device=device), tokenizer
     if progress:
-        progress(f"saved the {dtype} copy in {copy_dir}")
+        progress(f"saved the {STORE_DTYPE} copy in {copy_dir}")
     # Serve the copy, not the GGUF-loaded object (which still carries a GGUF quantization config):
     # the first run then runs exactly what every later run will.
     del model, tokenizer

@@ -21,12 +21,15 @@ from sampling import SamplingParams
 class PicoSpec:
     def __init__(self, draft: str | None = None, cloud: str | None = None, target: str | None = None,
                  token: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
-                 cloud_threads: int | None = None, pin_cores: bool = True, need_cloud: bool = True):
+                 cloud_threads: int | None = None, pin_cores: bool = True, need_cloud: bool = True,
+                 **faults):
+        """faults: more EdgeConfig fields (reply_timeout_s, reconnect_s, edge_fallback,
+        retry_interval_s, connect_timeout_s, ca_cert)."""
+        config = EdgeConfig(draft=draft, cloud=cloud, target=target, token=token, dtype=dtype,
+                            threads=threads, cloud_threads=cloud_threads, pin_cores=pin_cores, **faults)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="picospec-loop")
         self._thread.start()
-        config = EdgeConfig(draft=draft, cloud=cloud, target=target, token=token, dtype=dtype,
-                            threads=threads, cloud_threads=cloud_threads, pin_cores=pin_cores)
         self.client = EdgeClient(config)
         self._call(self.client.start(need_cloud=need_cloud))
 

@@ -13,6 +13,15 @@ def add_edge_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="local verifier dtype")
     g.add_argument("--threads", type=int, default=None, help="draft threads (default: the edge's cores)")
     g.add_argument("--no-pin", action="store_true", help="don't split cores between edge and local verifier")
+    g.add_argument("--ca-cert", default=None, help="PEM CA certificate to trust for a wss:// verifier "
+                   "(e.g. its self-signed certificate)")
+    f = p.add_argument_group("faults")
+    f.add_argument("--reply-timeout", type=float, default=60.0,
+                   help="seconds of verifier silence before the link counts as lost (default 60)")
+    f.add_argument("--reconnect-s", type=float, default=8.0,
+                   help="seconds to keep reconnecting to a lost verifier before going edge-only (default 8)")
+    f.add_argument("--no-edge-fallback", action="store_true",
+                   help="fail instead of continuing with the draft alone while the verifier is away")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,12 +41,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def picospec_kwargs(args) -> dict:
-    """PicoSpec(...) keyword arguments from the edge flags."""
+    """PicoSpec(...) and EdgeConfig(...) keyword arguments from the edge flags."""
     import os
 
     return dict(draft=args.draft, cloud=args.cloud, target=args.target,
                 token=args.token or os.environ.get("PICOSPEC_TOKEN"), dtype=args.dtype,
-                threads=args.threads, pin_cores=not args.no_pin)
+                threads=args.threads, pin_cores=not args.no_pin, ca_cert=args.ca_cert,
+                reply_timeout_s=args.reply_timeout, reconnect_s=args.reconnect_s,
+                edge_fallback=not args.no_edge_fallback)
 
 
 def generate_kwargs(args) -> dict:

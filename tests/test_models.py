@@ -521,14 +521,11 @@ def default_pair() -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def cached_target(default_pair: dict[str, Path]) -> Any:
-    """One target load per session: converts the GGUF the first time, then reads the copy."""
-    pytest.importorskip("transformers")
-    from models.target_cache import cached_copy_dir, load_target
+def cached_target(default_pair: dict[str, Path], real_target: Any) -> Any:
+    """The session's one target load (conftest.real_target) made the copy; reuse it."""
+    from models.target_cache import STORE_DTYPE, cached_copy_dir
 
-    model, tokenizer = load_target(default_spec("target"), "bfloat16")
-    yield model, tokenizer, cached_copy_dir(registry.DEFAULT_TARGET.sha256, "bfloat16")
-    del model
+    yield real_target.model, real_target.tokenizer, cached_copy_dir(registry.DEFAULT_TARGET.sha256, STORE_DTYPE)
 
 
 @pytest.mark.slow

@@ -153,7 +153,8 @@ def test_real_chat_in_a_terminal(tmp_path):
         child.sendline("/mode pipeline")
         child.expect_exact("you> ")
         child.sendline("Write a long, detailed essay about the history of computing.")
-        child.expect(r"[A-Za-z]{3}", timeout=300)  # some committed text has arrived
+        child.expect_exact("computing.\r\n")  # the echo of the line
+        child.expect(r"[A-Za-z]{3}", timeout=300)  # then the answer has begun
         child.sendintr()
         child.expect_exact("[interrupted]", timeout=120)
         child.expect_exact("you> ")

@@ -746,3 +746,19 @@ def test_paper_recovery_is_biased_when_k_is_small():
     assert d > 0.2
     # the exact pipeline on the same p, q is not biased
     assert_matches(single_position_counts(PAPER_P, PAPER_Q, 20_000, seed=8), PAPER_P, "exact on paper case")
+
+
+def test_large_vocabulary_truncation_matches_a_full_sort():
+    """The partial sort used for 152k vocabularies keeps exactly what a full stable sort keeps."""
+    import sampling.core as core
+
+    rng = np.random.default_rng(11)
+    for _ in range(10):
+        p = core.softmax(rng.normal(size=151_936) * rng.uniform(0.5, 8))
+        for top_k, top_p in [(0, 0.9), (50, 0.95), (0, 0.999), (2000, 0.99), (3, 1.0)]:
+            fast = core.truncate_probs(p, top_k, top_p)
+            order = np.argsort(-p, kind="stable")
+            kept = order[:top_k] if top_k else order
+            before = np.cumsum(p[kept]) - p[kept]
+            kept = kept[before < top_p * p[kept].sum()] if top_p < 1 else kept
+            assert set(np.flatnonzero(fast)) == set(kept.tolist())

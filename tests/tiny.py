@@ -115,6 +115,9 @@ class TinyDrafter:
     def logits(self) -> np.ndarray:
         return self._logits
 
+    def close(self) -> None:  # EdgeClient.close() closes its drafter
+        pass
+
 
 class ServerThread:
     """A VerifierServer on its own event loop in a background thread, over a real socket."""
