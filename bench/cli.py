@@ -158,7 +158,7 @@ def run(args) -> int:
     if args.plot:
         from bench.plot import plot
 
-        title = (f"PicoSpec bench: {len(prompts)} prompts ({args.prompts}), {args.max_new_tokens} new tokens, "
+        title = (f"PicoSpec bench: {len(prompts)} prompt(s) ({args.prompts}), {args.max_new_tokens} new tokens, "
                  f"greedy, {args.dtype}; {setup.get('cores', '')}")
         print(f"  wrote {plot(rows, result.records, args.plot, title)}")
     return 1 if result.errors and not result.records else 0

@@ -63,7 +63,7 @@ def plot(rows: list[dict], records: list[dict], out: Path, title: str = "") -> P
     for mode, points in bound_series(rows).items():
         colour = STYLE.get(mode, ("black",))[0]
         xs, ys = zip(*points)
-        ax1.plot(xs, ys, ":", marker="x", color=colour, alpha=0.7, label=f"{mode}: modelled bound")
+        ax1.plot(xs, ys, ":", marker="x", color=colour, alpha=0.7, label=f"{mode}: modelled bound (no prefill)")
     ax1.axhline(1.0, color="#999999", lw=0.8)
     ax1.set_xlabel("round-trip time (ms)")
     ax1.set_ylabel("speedup over cloud-only (tokens/s ratio)")

@@ -118,6 +118,10 @@ class TinyDrafter:
     def close(self) -> None:  # EdgeClient.close() closes its drafter
         pass
 
+    def detokenize(self, ids: list[int]) -> bytes:
+        """Text for EdgeClient.decode: token i is "t<i> " (the tiny fingerprint's vocabulary)."""
+        return "".join(f"t{i} " for i in ids).encode()
+
 
 class ServerThread:
     """A VerifierServer on its own event loop in a background thread, over a real socket."""

@@ -43,7 +43,8 @@ def reference(model, prompt: list[int], n: int) -> list[int]:
 
 
 class Commits:
-    """on_commit: records the streamed ids; calls fault() once when `at` ids have streamed."""
+    """on_commit: records the streamed ids; starts fault() once when `at` ids have streamed, on a
+    thread of its own (the edge's loop must stay free to see the fault happen)."""
 
     def __init__(self, at: int | None = None, fault: Callable[[], None] | None = None):
         self.ids: list[int] = []
@@ -54,7 +55,8 @@ class Commits:
         self.ids += new
         if self.at is not None and self.fired_at is None and len(self.ids) >= self.at:
             self.fired_at = len(self.ids)
-            self.fault()
+            self.thread = threading.Thread(target=self.fault, daemon=True)
+            self.thread.start()
 
 
 class Verifier:
@@ -77,12 +79,11 @@ class Verifier:
             self.thread.__exit__(None, None, None)
             self.thread = None
 
-    def restart_later(self, down_s: float) -> threading.Thread:
-        """Stop now, start again after down_s, on another thread (the edge sees refusals)."""
+    def restart(self, down_s: float) -> None:
+        """Stop, stay down for down_s (the edge sees refusals), start again on the same port."""
         self.stop()
-        t = threading.Thread(target=lambda: (time.sleep(down_s), self.start()), daemon=True)
-        t.start()
-        return t
+        time.sleep(down_s)
+        self.start()
 
     @property
     def server(self):
