@@ -8,7 +8,6 @@ produce cloud-only's exact tokens: the benchmark checks that too.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -132,7 +131,8 @@ def run(args) -> int:
         return 3
     finally:
         close()
-    setup = {**result.setup, "models": {"draft": result.setup.get("draft"), "target": args.target or "default"},
+    setup = {**result.setup, "models": {"draft": result.setup.get("draft"),
+                                           "target": result.setup.get("target") or args.target or "default"},
              "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "rtt_ms": args.rtt_ms,
              "modes": args.modes, "block": args.block, "prompts": [p.label for p in prompts],
              "prompt_sets": args.prompts, "limit": args.limit, "decoding": "greedy",
@@ -152,8 +152,8 @@ def run(args) -> int:
         print(f"  ERROR {err['mode']}@{err['rtt_ms']} {err['prompt']}: {err['error']}")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        args.json_out.write_text(json.dumps(report.build_json(rows, setup, breakeven, mismatches, result.records),
-                                            indent=1, default=str))
+        doc = report.build_json(rows, setup, breakeven, mismatches, result.records, result.run_info)
+        args.json_out.write_text(report.dumps(doc))
         print(f"  wrote {args.json_out}")
     if args.plot:
         from bench.plot import plot

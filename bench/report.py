@@ -10,7 +10,9 @@ Nothing here does I/O, so tests check it on synthetic records.
 """
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import asdict, dataclass
 from statistics import mean
 
@@ -251,36 +253,47 @@ def crossing_measured(points: list[tuple[float, float]], target_rate: float) -> 
 
 
 def break_even(records: list[dict], run_info: dict, rows: list[dict]) -> dict:
-    """Per speculative mode over the link: the RTT at which its modelled rate (parameters measured
-    over all its runs) equals hf-assisted's measured rate; and where measured rates cross it."""
-    hf = next((r["tokens_per_s"] for r in rows if r["mode"] == "hf-assisted" and r["tokens_per_s"]), None)
-    out: dict = {"hf_assisted_tokens_per_s": hf,
-                 "basis": "modelled rate (edge_app/policy.py) with a, g, t_draft, t_verify measured over "
-                          "all RTTs and the mean measured RTT overhead; RTT solved where it equals hf-assisted's "
-                          "measured tokens/s"}
+    """Per speculative mode over the link, the RTT below which it beats co-located hf-assisted.
+
+    modelled: its model rate (a, g, t_draft, t_verify measured over all its runs, plus the mean
+    measured RTT overhead) against hf-assisted's decode rate: the model has no prefill, so the peer
+    is taken without its prefill too. measured: where the measured tokens/s (prefill included) of
+    the mode, interpolated between the swept RTTs, crosses hf-assisted's measured tokens/s."""
+    hf = next((r for r in rows if r["mode"] == "hf-assisted" and r["tokens_per_s"]), None)
+    out: dict = {"hf_assisted_tokens_per_s": hf and hf["tokens_per_s"],
+                 "hf_assisted_decode_tokens_per_s": hf and hf["decode_tokens_per_s"],
+                 "basis": "rtt_ms: RTT where the edge_app/policy.py model (a, g, t_draft, t_verify measured over "
+                          "all RTTs, plus the measured RTT overhead) equals hf-assisted's decode tokens/s (both "
+                          "without prefill); measured_crossing_rtt_ms: where measured tokens/s, interpolated "
+                          "between swept RTTs, equal hf-assisted's measured tokens/s (prefill included)"}
     if hf is None:
         out["note"] = "hf-assisted was not run: no break-even"
         return out
+    target = hf["decode_tokens_per_s"] or hf["tokens_per_s"]
     overheads = [o for rtt in sorted({r["rtt_ms"] for r in rows}) if (o := rtt_overhead_s(run_info, rtt)) is not None]
     overhead = mean(overheads) if overheads else 0.0
     for mode, fn in (("pipeline", pipeline_rate), ("sync", sync_rate)):
         runs = [r for r in records if r["mode"] == mode]
-        ema = [i.get("t_verify_est_s") for (m, _), i in run_info.items() if m == mode and i.get("t_verify_est_s")]
+        ema = [i["t_verify_est_s"] for (m, _), i in run_info.items() if m == mode and i.get("t_verify_est_s")]
         params = model_params(pool(runs), 0.0, overhead, mean(ema) if ema else None) if runs else None
         if params is None:
             continue
-        rtt_s = solve_break_even(lambda t: fn(params.a, params.g, params.t_draft, t + overhead, params.t_verify), hf)
-        measured = crossing_measured([(r["rtt_ms"], r["tokens_per_s"]) for r in rows
-                                      if r["mode"] == mode and r["tokens_per_s"]], hf)
+
+        def rate_at(rtt_s: float, p: ModelParams = params, fn=fn) -> float:
+            return fn(p.a, p.g, p.t_draft, rtt_s + p.rtt_overhead, p.t_verify)
+
+        rtt_s = solve_break_even(rate_at, target)
+        at_zero = rate_at(0.0)
         out[mode] = {
             "rtt_ms": None if rtt_s is None else rtt_s * 1e3,
-            "modelled_tokens_per_s_at_0ms": fn(params.a, params.g, params.t_draft, overhead, params.t_verify),
-            "measured_crossing_rtt_ms": measured,
+            "modelled_tokens_per_s_at_0ms": at_zero,
+            "measured_crossing_rtt_ms": crossing_measured(
+                [(r["rtt_ms"], r["tokens_per_s"]) for r in rows if r["mode"] == mode and r["tokens_per_s"]],
+                hf["tokens_per_s"]),
             "params": params.to_json(),
-            "meaning": ("never: the model is below hf-assisted even at 0 ms" if rtt_s is None and
-                        fn(params.a, params.g, params.t_draft, overhead, params.t_verify) <= hf else
-                        f"beyond {BREAK_EVEN_MAX_S:g} s" if rtt_s is None else
-                        f"{mode} beats co-located assisted generation below this RTT"),
+            "meaning": ("never: the model is below hf-assisted even at 0 ms" if rtt_s is None and at_zero <= target
+                        else f"beyond {BREAK_EVEN_MAX_S:g} s" if rtt_s is None
+                        else f"{mode} beats co-located assisted generation below this RTT"),
         }
     return out
 
@@ -343,8 +356,10 @@ def table_notes(rows: list[dict], mismatches: list[dict], breakeven: dict) -> li
         be = breakeven.get(mode)
         if be:
             where = f"{be['rtt_ms']:.0f} ms" if be["rtt_ms"] is not None else be["meaning"]
-            notes.append(f"break-even RTT {mode} vs hf-assisted ({_fmt(breakeven['hf_assisted_tokens_per_s'])} "
-                         f"tok/s): {where}")
+            measured = be["measured_crossing_rtt_ms"]
+            notes.append(f"break-even RTT {mode} vs hf-assisted: modelled {where} (vs its decode rate "
+                         f"{_fmt(breakeven['hf_assisted_decode_tokens_per_s'])} tok/s); measured crossing "
+                         + (f"{measured:.0f} ms" if measured is not None else "not within the swept RTTs"))
     if mismatches:
         notes.append(f"greedy mismatches vs cloud-only: {len(mismatches)} (" + "; ".join(
             f"{m['mode']}@{_fmt(m['rtt_ms'], 'g')} {m['prompt']} pos {m['position']}" for m in mismatches[:6]) + ")")
@@ -354,10 +369,18 @@ def table_notes(rows: list[dict], mismatches: list[dict], breakeven: dict) -> li
 
 
 def build_json(rows: list[dict], setup: dict, breakeven: dict, mismatches: list[dict],
-               records: list[dict]) -> dict:
-    """The --json document: runs (one per mode and rtt), setup, break-even, and the raw answers."""
-    per_prompt = [{k: r.get(k) for k in ("mode", "rtt_ms", "prompt", "new_tokens", "wall_s", "ttft_s",
-                                         "accepted", "rejected", "rounds", "bytes_up", "bytes_down",
-                                         "finish_reason", "token_ids")} for r in records]
+               records: list[dict], run_info: dict | None = None) -> dict:
+    """The --json document: runs (one per mode and rtt), setup, break-even, and the raw material
+    (every record and per-run measurement), so the numbers can be recomputed from the file."""
+    info = [{"mode": mode, "rtt_ms": rtt, **values} for (mode, rtt), values in (run_info or {}).items()]
     return {"runs": rows, "setup": setup, "break_even_rtt_ms": breakeven,
-            "mismatches": mismatches, "per_prompt": per_prompt}
+            "mismatches": mismatches, "per_prompt": records, "run_info": info}
+
+
+_NUMBER_LIST = re.compile(r"\[\s*(-?[\d.eE+-]+(?:,\s*-?[\d.eE+-]+)*)\s*\]")
+
+
+def dumps(doc: dict) -> str:
+    """Indented JSON with lists of numbers (token ids, latencies) kept on one line each."""
+    text = json.dumps(doc, indent=1, default=str)
+    return _NUMBER_LIST.sub(lambda m: "[" + ", ".join(x.strip() for x in m.group(1).split(",")) + "]", text)

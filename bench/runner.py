@@ -122,7 +122,7 @@ def hf_record(event: dict, prompt: BenchPrompt) -> dict:
 async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progress) -> list[list[int]]:
     """Every mode except hf-assisted; returns the prompts' token ids (for hf-assisted)."""
     from edge_app.client import EdgeClient, EdgeConfig
-    from edge_app.embedded import EmbeddedVerifier, split_cores
+    from edge_app.embedded import split_cores
     from edge_app.energy import pick_sensor
 
     split = split_cores() if cfg.pin else None
@@ -136,19 +136,8 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
     link_modes = [m for m in LINK_MODES if m in cfg.modes]
     verifier = proxy = client = None
     try:
-        if link_modes and cfg.cloud:
-            proxy = ThreadedLinkProxy(*remote_hostport(cfg.cloud), link_config(cfg, cfg.rtts_ms[0]))
-            proxy.start()
-        elif link_modes:
-            progress("starting the local verifier (loading the target)", False)
-            t0 = time.perf_counter()
-            verifier = EmbeddedVerifier(cfg.target, cfg.dtype, len(split[1]) if split else None,
-                                        split[1] if split else None, cfg.token,
-                                        log_path=str(cfg.workdir / "verifier.log"))
-            await asyncio.get_running_loop().run_in_executor(None, verifier.start)
-            result.setup["verifier_start_s"] = time.perf_counter() - t0
-            proxy = ThreadedLinkProxy("127.0.0.1", verifier.port, link_config(cfg, cfg.rtts_ms[0]))
-            proxy.start()
+        if link_modes:
+            verifier, proxy = await _start_cloud_side(cfg, split, result, progress)
         path = (urlsplit(cfg.cloud).path or "/ws") if cfg.cloud and "://" in cfg.cloud else "/ws"
         url = proxy.url_for(path, "ws") if proxy else None
         client = EdgeClient(EdgeConfig(draft=cfg.draft, cloud=url, token=cfg.token, dtype=cfg.dtype,
@@ -160,6 +149,8 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
         result.setup["prompt_tokens"] = {p.label: len(i) for p, i in zip(cfg.prompts, ids)}
         sensor = pick_sensor()
         await _warm_up(client, cfg, link_modes)
+        if client.link is not None and client.link.welcome is not None:
+            result.setup["target"] = client.link.welcome.model
         if "edge" in cfg.modes:
             await _run_mode(client, cfg, "edge", None, ids, result, sensor, None, progress)
         for rtt in cfg.rtts_ms if link_modes else []:
@@ -176,6 +167,25 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
             proxy.close()
         if verifier is not None:
             verifier.stop()
+
+
+async def _start_cloud_side(cfg: BenchConfig, split, result: BenchResult, progress: Progress):
+    """(verifier or None, proxy): a local verifier on the cloud cores, or the remote one, behind the proxy."""
+    if cfg.cloud:
+        proxy = ThreadedLinkProxy(*remote_hostport(cfg.cloud), link_config(cfg, cfg.rtts_ms[0]))
+        proxy.start()
+        return None, proxy
+    from edge_app.embedded import EmbeddedVerifier
+
+    progress("starting the local verifier (loading the target)", False)
+    t0 = time.perf_counter()
+    verifier = EmbeddedVerifier(cfg.target, cfg.dtype, len(split[1]) if split else None,
+                                split[1] if split else None, cfg.token, log_path=str(cfg.workdir / "verifier.log"))
+    await asyncio.get_running_loop().run_in_executor(None, verifier.start)
+    result.setup["verifier_start_s"] = time.perf_counter() - t0
+    proxy = ThreadedLinkProxy("127.0.0.1", verifier.port, link_config(cfg, cfg.rtts_ms[0]))
+    proxy.start()
+    return verifier, proxy
 
 
 def _options(cfg: BenchConfig, mode: str, max_new: int):

@@ -17,7 +17,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 import codec
 from cloud.limits import SessionQuota, TokenBucket, match_token, op_cost
@@ -87,6 +87,20 @@ class Conn:
         return op
 
 
+class _WebSocket(web.WebSocketResponse):
+    """aiohttp closes on an oversized message before the handler sees it: say why first."""
+
+    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
+        if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
+            try:
+                await self.send_bytes(codec.encode(codec.Error(
+                    code="too_large", message=f"a message over {self._max_msg_size} bytes")))
+            except (ConnectionError, RuntimeError):
+                pass
+            message = message or b"too_large"
+        return await super().close(code=code, message=message, drain=drain)
+
+
 class VerifierServer:
     """Serves one target engine to many edge sessions."""
 
@@ -154,14 +168,17 @@ class VerifierServer:
 
     # -- the protocol ------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(max_msg_size=self.config.max_msg_size, heartbeat=30.0)
-        await ws.prepare(request)
+        ws = _WebSocket(max_msg_size=self.config.max_msg_size, heartbeat=30.0)
         conn = Conn(sid=uuid.uuid4().hex[:12], ws=ws,
                     bucket=TokenBucket(self.config.msgs_per_s, self.config.msg_burst))
         try:
+            await ws.prepare(request)
             await self._handshake(conn, request.remote or "?")
         except SessionError as err:
             await self._refuse(conn, err)
+            self._release(conn)
+            return ws
+        except ConnectionError:  # gone before the session began (a client that gave up)
             self._release(conn)
             return ws
         self.metrics.inc("picospec_sessions_total")

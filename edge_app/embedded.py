@@ -59,9 +59,16 @@ class EmbeddedVerifier:
         if self.token:
             env["PICOSPEC_TOKEN"] = self.token
         cores = self.cores
+
+        def in_child() -> None:
+            # its own process group: a Ctrl-C at the terminal is meant for the edge command (the
+            # chat stops an answer on it), not for its verifier, which the edge stops on exit
+            os.setpgid(0, 0)
+            if cores:
+                os.sched_setaffinity(0, cores)
+
         self.proc = subprocess.Popen(
-            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-            preexec_fn=(lambda: os.sched_setaffinity(0, cores)) if cores else None,
+            self.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=in_child,
         )
         threading.Thread(target=self._drain_stderr, daemon=True).start()
         deadline = time.monotonic() + self.startup_timeout_s

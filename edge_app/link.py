@@ -40,6 +40,7 @@ class CloudLink:
         self._ws: aiohttp.ClientWebSocketResponse | None = None
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._reader: asyncio.Task | None = None
+        self._stalled = False
 
     async def connect(self, hello: codec.Hello) -> codec.Welcome:
         """Open the WebSocket and exchange hello / welcome, all within connect_timeout_s.
@@ -90,6 +91,7 @@ class CloudLink:
         try:
             item = await asyncio.wait_for(self._inbox.get(), timeout or self.reply_timeout_s)
         except asyncio.TimeoutError as err:
+            self._stalled = True  # closing it will not wait for a close handshake
             raise CloudError("timeout", f"no reply from the verifier within {timeout or self.reply_timeout_s:g} s") from err
         if isinstance(item, CloudError):
             self._inbox.put_nowait(item)  # keep reporting it to later callers
@@ -137,7 +139,7 @@ class CloudLink:
         return self._ws is not None and not self._ws.closed and reading
 
     async def close(self) -> None:
-        if self._ws is not None and not self._ws.closed:
+        if self._ws is not None and not self._ws.closed and not self._stalled:
             try:
                 await self._ws.send_bytes(codec.encode(codec.Close(reason="bye")))
             except (ConnectionError, RuntimeError, aiohttp.ClientError):

@@ -5,9 +5,11 @@ streaming (server-sent events in OpenAI's chunk shapes) or not. Every answer car
 `picospec` object with our stats (mode, acceptance, tokens/s, bytes, target_quality).
 
 Choices made here:
-- The cloud unreachable -> HTTP 503 (type "server_error", code "cloud_unreachable"): a program never
-  gets draft-quality text it did not ask for. A request may ask for it with
-  {"picospec": {"mode": "edge"}}; the answer then says picospec.target_quality = false.
+- The cloud unreachable -> HTTP 503 (type "server_error", code "cloud_unreachable"), after the
+  client's usual reconnect attempts: a program never gets draft-quality text it did not ask for.
+  A request may ask for it with {"picospec": {"mode": "edge"}}; `--edge-fallback` lets answers go on
+  from the draft alone while the cloud is away. Either way such an answer says
+  picospec.target_quality = false (and picospec.edge_only_tokens how many tokens were draft-only).
 - temperature defaults to the server's --temperature (0 = greedy), not OpenAI's 1.0: an edge
   endpoint is usually wanted deterministic. Any `model` name is accepted (clients hard-code them).
 - One generation at a time on the drafter (an asyncio.Lock); other requests queue.
@@ -38,6 +40,8 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (0 picks a free one; default 8000)")
     p.add_argument("--model-name", default="picospec", help="the model id /v1/models lists")
+    p.add_argument("--edge-fallback", action="store_true", help="while the cloud is away, answer from the "
+                   "draft alone (marked picospec.target_quality=false) instead of HTTP 503")
     add_sampling_arguments(p)
     add_edge_arguments(p)
     p.set_defaults(func=run, max_new_tokens=256)
@@ -123,9 +127,9 @@ def _error(err: RequestError) -> web.Response:
 
 
 def cloud_error(err) -> RequestError:
-    from edge_app.repl import CLOUD_DOWN
+    from edge_app.pipeline import RETRYABLE
 
-    if err.code in CLOUD_DOWN:
+    if err.code in RETRYABLE:
         return RequestError(f"the cloud verifier is unreachable: {err.message}", None, "cloud_unreachable",
                             503, "server_error")
     return RequestError(f"the cloud verifier refused: {err.message}", None, err.code, 502, "server_error")
@@ -203,7 +207,9 @@ class EdgeServer:
     def _picospec(self, stats: list[dict], mode: str) -> dict:
         from picospec.api import merge_stats
 
-        return {**merge_stats(stats), "mode": mode, "target_quality": mode != "edge",
+        edge_only = sum(s.get("edge_only_tokens", 0) for s in stats)
+        return {**merge_stats(stats), "mode": mode, "edge_only_tokens": edge_only,
+                "target_quality": mode != "edge" and edge_only == 0,
                 "draft": self.client.draft_name, "cloud": self.client.cloud_url}
 
     def _head(self, chat: bool, chunk: bool = False) -> dict:
@@ -295,25 +301,26 @@ async def warm_up(client, defaults) -> str | None:
     from edge_app.link import CloudError
 
     try:
-        await client.generate_ids(client.encode_chat([{"role": "user", "content": "Hi"}]),
-                                  replace(defaults, max_new_tokens=2), None)
+        answer = await client.generate_ids(client.encode_chat([{"role": "user", "content": "Hi"}]),
+                                           replace(defaults, max_new_tokens=2), None)
     except CloudError as err:
         await drop_session(client)
         return err.message
-    return None
+    return "no verifier session" if answer.stats.edge_only_tokens else None
 
 
 async def serve(args, defaults) -> int:
     from edge_app.client import EdgeClient, EdgeConfig
     from picospec.common_args import picospec_kwargs
 
-    kw = picospec_kwargs(args)
-    client = EdgeClient(EdgeConfig(**kw))
+    # an API answers 503 rather than draft text nobody asked for, unless --edge-fallback
+    client = EdgeClient(EdgeConfig(**{**picospec_kwargs(args), "edge_fallback": args.edge_fallback}))
     try:
         await start_client(client)
         if defaults.mode != "edge" and (problem := await warm_up(client, defaults)):
             print(f"picospec edge-serve: warning: the cloud verifier is unreachable ({problem}); "
-                  f"requests get HTTP 503 until it answers", file=sys.stderr, flush=True)
+                  + ("answers come from the draft alone" if args.edge_fallback else "requests get HTTP 503")
+                  + " until it answers", file=sys.stderr, flush=True)
         server = EdgeServer(client, defaults, args.model_name)
         runner = web.AppRunner(server.app, access_log=None)
         await runner.setup()

@@ -25,7 +25,6 @@ from edge_app.terminal import DIM, RESET, StreamView, fancy_terminal
 from picospec.common_args import add_edge_arguments, add_sampling_arguments
 
 EDGE_LABEL = "[edge only — draft model, not target quality]"
-CLOUD_DOWN = ("unreachable", "disconnected", "timeout")  # CloudError codes that mean "no cloud now"
 PROMPT = "you> "
 HELP = """commands:
   /help                      this list
@@ -152,6 +151,16 @@ async def drop_session(client) -> None:
         client.link = None
 
 
+async def shutdown(client) -> None:
+    """Cancel whatever still runs (an answer or a start cut short), then close the edge."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+    await drop_session(client)
+    await client.close()
+
+
 # -- the chat --------------------------------------------------------------------------------
 class Chat:
     """The conversation, the settings, and one answer per user line."""
@@ -164,7 +173,8 @@ class Chat:
         self.stats: list[dict] = []
         self.interactive, self.ansi, self.out = interactive, ansi, out
         self.terminal = out.isatty()
-        self.cloud_down = False
+        self.view: StreamView | None = None  # the answer being streamed
+        client.on_notice = self.notice
 
     def say(self, text: str, dim: bool = False) -> None:
         self.out.write((f"{DIM}{text}{RESET}" if dim and self.ansi else text) + "\n")
@@ -210,37 +220,35 @@ class Chat:
         self.turns.append({"role": "user", "content": text})
         ids = self.client.encode_chat(self.messages())
         edge = self.options.mode == "edge"
-        if edge:
-            self.say(EDGE_LABEL, dim=True)
-        view = StreamView(self.client.decode, self._write, self.ansi, self.terminal)
+        if edge or not getattr(self.client, "cloud_available", True):
+            self.say(EDGE_LABEL, dim=True)  # the client looks for the cloud again meanwhile
+        self.view = view = StreamView(self.client.decode, self._write, self.ansi, self.terminal)
         try:
             answer, interrupted = self.runner.call_interruptible(self.client.generate_ids(ids, self.options, view))
-        except CloudError as err:
+        except (CloudError, ContextFullError) as err:  # a refusal, or a lost cloud with fallback off
             view.finish()
             self.runner.call(drop_session(self.client))
             self.turns.pop()
-            if err.code in CLOUD_DOWN and not edge:
-                self.say("")
-                self._cloud_lost(err.message)
-                self.answer(text)
-            else:
-                self.say(f"\nthe verifier refused: {err}")
+            hint = "the verifier failed: " if isinstance(err, CloudError) else ""
+            self.say(f"\n{hint}{err}" + ("" if hint else "; /reset starts a new conversation"))
             return
-        except ContextFullError as err:
-            view.finish()
-            self.turns.pop()
-            self.say(f"\n{err}; /reset starts a new conversation")
-            return
+        finally:
+            self.view = None
         reply = view.finish()
         if interrupted:
             self.runner.call(drop_session(self.client))
             self.say("\n[interrupted]", dim=True)
         else:
+            stats = answer.stats.to_dict()
+            self.stats.append(stats)
+            n = 0 if edge else stats.get("edge_only_tokens", 0)
+            label = f"[{n} of {stats['new_tokens']} tokens edge only — draft model, not target quality]" if n else ""
             self.say("")
-            self.stats.append(answer.stats.to_dict())
             if self.interactive:
-                self.say(footer(self.stats[-1]) + (" " + EDGE_LABEL if edge else ""), dim=True)
-            else:
+                self.say(" ".join(filter(None, [footer(stats), label])), dim=True)
+            elif label:
+                self.say(label)
+            if not self.interactive:
                 self.say("")
         if reply:
             self.turns.append({"role": "assistant", "content": reply})
@@ -251,13 +259,12 @@ class Chat:
         self.out.write(text)
         self.out.flush()
 
-    def _cloud_lost(self, why: str) -> None:
-        """Said once: answers go on from the draft alone, labelled as such."""
-        if not self.cloud_down:
-            self.info(f"the cloud verifier is unreachable ({why}); continuing with edge-only "
-                      f"answers: draft model, not target quality. /mode pipeline tries the cloud again.")
-        self.cloud_down = True
-        self.options = replace(self.options, mode="edge")
+    def notice(self, text: str) -> None:
+        """The client's notices (cloud lost, cloud back), from the loop thread: a line of their own."""
+        if self.view is not None and self.interactive:
+            self.view.interject(f"{DIM}[{text}]{RESET}" if self.ansi else f"[{text}]")
+        else:
+            self.info(text)
 
     # -- commands ----------------------------------------------------------------------------
     def command(self, name: str, arg: str) -> bool:
@@ -275,8 +282,6 @@ class Chat:
                 self.say(f"mode is {self.options.mode}; choose one of {', '.join(MODES)}")
             else:
                 self.options = replace(self.options, mode=arg)
-                if arg != "edge":
-                    self.cloud_down = False
                 self.say(f"mode: {arg}" + (f"  {EDGE_LABEL}" if arg == "edge" else ""))
         elif name == "temp":
             try:
@@ -369,10 +374,14 @@ def run(args) -> int:
         return 2
     except EmbeddedVerifierError as err:
         print(f"picospec chat: {err}", file=sys.stderr)
-        chat._cloud_lost("the local verifier did not start")
+        chat.options = replace(chat.options, mode="edge")
+        chat.info(f"continuing with edge-only answers {EDGE_LABEL}")
     except KeyboardInterrupt:
-        runner.call(client.close())
+        runner.call(shutdown(client))
         return 130
+    # a closed terminal or a kill: leave through the finally below, which stops the local verifier
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: sys.exit(128 + signum))
     if interactive:
         _setup_readline()
     chat.info(f"PicoSpec chat: draft {client.draft_name} on this device, verified at {client.cloud_url} "
@@ -380,7 +389,6 @@ def run(args) -> int:
     try:
         chat.loop()
     finally:
-        runner.call(drop_session(client))
-        runner.call(client.close())
+        runner.call(shutdown(client))
         runner.close()
     return 0

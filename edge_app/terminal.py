@@ -93,6 +93,11 @@ class StreamView:
             self.write(out)
         return text
 
+    def interject(self, line: str) -> None:
+        """A line of its own (a notice) in the middle of the answer; the answer goes on below it."""
+        self.write(self._erase_speculative() + ("\n" if self.col else "") + line + "\n")
+        self.col = 0
+
     def _committed(self, text: str) -> str:
         if not text.startswith(self.shown):
             return ""

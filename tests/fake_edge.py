@@ -22,8 +22,12 @@ class FakeClient:
     """encode_chat/decode/generate_ids like EdgeClient; `reply(prompt_text)` decides the answer."""
 
     def __init__(self, reply=lambda prompt: "Hello world, this is a test. 1, 2, 3.", step: int = 3,
-                 delay_s: float = 0.0, fail: str | None = None):
-        self.reply, self.step, self.delay_s, self.fail = reply, step, delay_s, fail
+                 delay_s: float = 0.0, refuse: str | None = None, cloud_down: bool = False):
+        """refuse: every cloud-backed answer raises CloudError(refuse) (a refusal, or a lost cloud
+        with edge fallback off); cloud_down: answers fall back to the draft, as EdgeClient does."""
+        self.reply, self.step, self.delay_s, self.refuse, self.cloud_down = reply, step, delay_s, refuse, cloud_down
+        self.cloud_available = True
+        self.on_notice = lambda text: None
         self.drafter = FakeDrafter()
         self.stop_ids = (EOS,)
         self.draft_name = "fake-draft"
@@ -46,8 +50,12 @@ class FakeClient:
     async def generate_ids(self, prompt_ids, options, on_commit=None) -> Answer:
         prompt = self.decode(prompt_ids)
         self.calls.append((options.mode, prompt))
-        if self.fail and options.mode != "edge":
-            raise CloudError(self.fail, "fake cloud is down")
+        if self.refuse and options.mode != "edge":
+            raise CloudError(self.refuse, "fake cloud refuses")
+        edge_only = self.cloud_down and options.mode != "edge"
+        if edge_only and self.cloud_available:
+            self.cloud_available = False
+            self.on_notice("the verifier is unreachable: continuing with the draft model alone")
         self.running += 1
         self.max_running = max(self.max_running, self.running)
         try:
@@ -66,6 +74,7 @@ class FakeClient:
                 if on_commit:
                     on_commit(new, spec)
             stats.new_tokens = len(ids)
+            stats.edge_only_tokens = len(ids) if edge_only else 0
             stats.wall_s = 0.1
             stats.bytes_up, stats.bytes_down = 10 * len(ids), 5 * len(ids)
             return Answer(ids, stats, "stop" if ids and ids[-1] == EOS else "length")

@@ -165,10 +165,12 @@ def test_break_even_solves_the_model_against_hf_assisted():
     rows, _ = report.build_rows(records, run_info, [50, 150], list(report.MODE_ORDER))
     be = report.break_even(records, run_info, rows)
     assert be["hf_assisted_tokens_per_s"] == pytest.approx(2.5)
+    decode = be["hf_assisted_decode_tokens_per_s"]
+    assert decode == pytest.approx(3 / 1.1)  # 3 tokens after the first in 1.6 - 0.5 s
     rtt_s = be["pipeline"]["rtt_ms"] / 1e3
     overhead = be["pipeline"]["params"]["rtt_overhead_ms"] / 1e3
     assert overhead == pytest.approx(0.01)
-    assert pipeline_rate(0.75, 4, 0.05, rtt_s + overhead, 0.2) == pytest.approx(2.5, rel=1e-6)
+    assert pipeline_rate(0.75, 4, 0.05, rtt_s + overhead, 0.2) == pytest.approx(decode, rel=1e-6)
     # measured pipeline: 4 tok/s at 50 ms, 2 tok/s at 150 ms -> crosses 2.5 at 125 ms
     assert be["pipeline"]["measured_crossing_rtt_ms"] == pytest.approx(125.0)
 
@@ -203,8 +205,10 @@ def test_table_is_aligned_and_labels_edge_and_reference():
 def test_json_schema():
     records, run_info = synthetic()
     rows, mismatches = report.build_rows(records, run_info, [50, 150], list(report.MODE_ORDER))
-    doc = report.build_json(rows, {"cores": "x"}, report.break_even(records, run_info, rows), mismatches, records)
-    json.dumps(doc)  # serialisable as it is
+    doc = report.build_json(rows, {"cores": "x"}, report.break_even(records, run_info, rows), mismatches,
+                            records, run_info)
+    assert json.loads(report.dumps(doc)) == json.loads(json.dumps(doc))  # compact lists, same content
+    assert '"token_ids": [1, 2, 3, 4]' in report.dumps(doc)
     required = {"mode", "rtt_ms", "tokens_per_s", "speedup_vs_cloud", "speedup_vs_sync", "acceptance_rate",
                 "mean_accepted", "bytes_up_per_token", "bytes_down_per_token", "ttft_s_p50", "tpot_ms_p50",
                 "tpot_ms_p95", "bound_tokens_per_s", "fraction_of_bound", "joules_per_token", "energy_source",
@@ -213,6 +217,7 @@ def test_json_schema():
         assert required <= set(run)
     assert {"runs", "setup", "break_even_rtt_ms"} <= set(doc)
     assert len(doc["per_prompt"]) == len(records)
+    assert {"mode": "link", "rtt_ms": 50, "measured_rtt_s": 0.06} in doc["run_info"]
 
 
 def test_plot_writes_a_png(tmp_path):

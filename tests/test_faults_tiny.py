@@ -119,12 +119,12 @@ def test_unreachable_cloud_goes_edge_only_labelled_and_switches_back(target):
     try:
         client = tiny_client(v.url, TinyDrafter(draft, step_delay_s=0.01), reconnect_s=0.3,
                              retry_interval_s=0.1, connect_timeout_s=1.0, reply_timeout_s=5)
-        out = answer(client, commits, n=120, block=3)
+        out = answer(client, commits, n=60, block=3)
     finally:
         commits.thread.join(10)
         v.stop()
-    spans = check_edge_only_answer(out, commits, target, draft, n=120)
-    assert len(spans) == 1 and spans[0][1] < 120, spans  # it did come back before the end
+    spans = check_edge_only_answer(out, commits, target, draft, n=60)
+    assert len(spans) == 1 and spans[0][1] < 60, spans  # it did come back before the end
     assert client.notices[0].startswith("the verifier is unreachable")
     assert client.notices[1].startswith("the verifier is back")
     assert len(client.notices) == 2  # said once each
@@ -178,19 +178,19 @@ def test_blackholed_cloud_goes_edge_only_then_comes_back(target):
     with Verifier(TargetEngine(target)) as v, ThreadedLinkProxy("127.0.0.1", v.port) as proxy:
         def blackhole():
             proxy.set_blackhole(True)
-            threading.Timer(2.0, proxy.set_blackhole, (False,)).start()
+            threading.Timer(1.5, proxy.set_blackhole, (False,)).start()
 
         client = tiny_client(f"ws://127.0.0.1:{proxy.port}/ws", TinyDrafter(draft, step_delay_s=0.01),
                              reply_timeout_s=0.4, reconnect_s=0.5, connect_timeout_s=0.3,
                              retry_interval_s=0.2)
         commits = Commits(at=10, fault=blackhole)
         t0 = time.monotonic()
-        out = answer(client, commits, n=200, block=3)
+        out = answer(client, commits, n=80, block=3)
         elapsed = time.monotonic() - t0
-    spans = check_edge_only_answer(out, commits, target, draft, n=200)
-    assert spans[-1][1] < 200, "it never came back"
+    spans = check_edge_only_answer(out, commits, target, draft, n=80)
+    assert spans[-1][1] < 80, "it never came back"
     assert [n.split(":")[0] for n in client.notices] == ["the verifier is unreachable", "the verifier is back"]
-    assert elapsed < 8
+    assert elapsed < 10  # (a hang on the stalled link would leave no edge-only span at all)
 
 
 def test_stalled_cloud_reply_timeout_fires_and_the_answer_recovers_exactly(target, expected):
@@ -245,12 +245,12 @@ def test_idle_session_is_evicted_and_the_edge_resumes(target, expected):
 def test_a_session_waiting_on_slow_passes_is_not_idle(target, expected):
     """Passes slower than the idle timeout: the edge waits in silence, and that is not idleness."""
     engine = SlowEngine(target)
-    engine.delay_s = 0.25
-    with Verifier(engine, ServerConfig(port=0, idle_timeout_s=0.15)) as v:
+    engine.delay_s = 0.6
+    with Verifier(engine, ServerConfig(port=0, idle_timeout_s=0.4)) as v:
         client = tiny_client(v.url, TinyDrafter(perturbed(target, 1.0)), reconnect_s=5)
         commits = Commits()
-        out = answer(client, commits, mode="sync", n=12, block=4)
+        out = answer(client, commits, mode="sync", n=8, block=4)
         metrics = v.server.metrics.render()
     c = only(out)
-    assert c["token_ids"] == expected[:12] and c["stats"]["reconnects"] == 0
+    assert c["token_ids"] == expected[:8] and c["stats"]["reconnects"] == 0
     assert "picospec_evictions_total 0" in metrics.splitlines()

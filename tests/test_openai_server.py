@@ -136,7 +136,7 @@ def test_cloud_down_is_503_unless_edge_is_asked_for():
                                                  extra_body={"picospec": {"mode": "edge"}})
         assert edge.choices[0].message.content == ANSWER
         assert edge.model_extra["picospec"]["target_quality"] is False
-    with_app(FakeClient(fail="unreachable"), check)
+    with_app(FakeClient(refuse="unreachable"), check)
 
 
 def test_one_generation_at_a_time():

@@ -93,15 +93,23 @@ def test_turns_resend_the_conversation(loop):
     assert "acceptance" in format_stats(chat.stats[-1], chat.stats) and "tok/s" in format_stats(chat.stats[-1], chat.stats)
 
 
-def test_cloud_down_falls_back_to_labelled_edge_answers(loop, capsys):
-    client = FakeClient(fail="unreachable")
+def test_cloud_down_answers_are_labelled_edge_only(loop, capsys):
+    client = FakeClient(cloud_down=True)
     chat, out = make_chat(loop, client)
     chat.answer("one")
     chat.answer("two")
-    assert out.getvalue().count(EDGE_LABEL) == 2
+    assert out.getvalue().count("edge only — draft model, not target quality") == 3  # after 1, before+after 2
     assert capsys.readouterr().err.count("unreachable") == 1  # said once
-    assert [c[0] for c in client.calls] == ["pipeline", "edge", "edge"]
-    assert chat.command("mode", "pipeline") and chat.options.mode == "pipeline"
+    assert [c[0] for c in client.calls] == ["pipeline", "pipeline"]
+
+
+def test_a_refusal_is_reported_and_the_question_dropped(loop):
+    chat, out = make_chat(loop, FakeClient(refuse="unauthorized"))
+    chat.answer("one")
+    assert "the verifier failed: unauthorized" in out.getvalue() and chat.turns == []
+    assert chat.command("mode", "edge") and chat.options.mode == "edge"
+    chat.answer("two")
+    assert EDGE_LABEL in out.getvalue() and len(chat.turns) == 2
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_chat(loop):
