@@ -45,6 +45,10 @@ def _load(role: str, path: str | None, dtype: str):
     spec = resolve_draft(path) if role == "draft" else resolve_target(path)
     ready = ensure_ready(spec)
     spec = type(spec)(**{**spec.__dict__, "path": ready})
+    if dtype == "auto":  # the same choice our verifier makes
+        from cloud.engine import auto_dtype
+
+        dtype = auto_dtype("cpu")
     model, _tokenizer = load_target(spec, dtype=dtype)
     return model, spec.name
 

@@ -27,13 +27,24 @@ def speedup_series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
 
 
 def bound_series(rows: list[dict]) -> dict[str, list[tuple[float, float]]]:
-    """mode -> [(rtt_ms, modelled bound / measured cloud-only rate)] for sync and pipeline."""
-    cloud = {r["rtt_ms"]: r["tokens_per_s"] for r in rows if r["mode"] == "cloud"}
+    """mode -> [(rtt_ms, modelled bound / cloud-only's measured decode rate)] for sync and pipeline
+    (the model has no prefill, so it is set against cloud-only without its prefill)."""
+    cloud = {r["rtt_ms"]: r.get("decode_tokens_per_s") or r["tokens_per_s"] for r in rows if r["mode"] == "cloud"}
     out: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r["bound_tokens_per_s"] and cloud.get(r["rtt_ms"]):
             out.setdefault(r["mode"], []).append((r["rtt_ms"], r["bound_tokens_per_s"] / cloud[r["rtt_ms"]]))
     return {m: sorted(v) for m, v in out.items()}
+
+
+def off_scale_modes(series: dict[str, list[tuple[float, float]]], bounds: dict[str, list[tuple[float, float]]],
+                    factor: float = 2.0) -> set[str]:
+    """Modes that are not target quality (edge) and would stretch the axis `factor`-fold beyond the
+    rest: they are named in the legend with their values instead of drawn."""
+    rest = [y for m, pts in list(series.items()) + list(bounds.items()) if m != "edge" for _, y in pts]
+    if not rest:
+        return set()
+    return {m for m in series if m == "edge" and max(y for _, y in series[m]) > factor * max(rest)}
 
 
 def latency_groups(records: list[dict], modes: list[str]) -> list[tuple[str, list[float]]]:
@@ -53,17 +64,23 @@ def plot(rows: list[dict], records: list[dict], out: Path, title: str = "") -> P
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.2), gridspec_kw={"width_ratios": [1, 1.15]})
-    for mode, points in speedup_series(rows).items():
+    series = speedup_series(rows)
+    off_scale = off_scale_modes(series, bound_series(rows))
+    for mode, points in series.items():
         colour, ls, suffix = STYLE.get(mode, ("black", "-", ""))
         xs, ys = zip(*points)
+        if mode in off_scale:  # a draft-only line far above would flatten every target-quality line
+            ax1.plot([], [], ls, marker="o", color=colour,
+                     label=f"{mode}{suffix}: {min(ys):.1f}-{max(ys):.1f}x, off the axis")
+            continue
         ax1.plot(xs, ys, ls, marker="o", color=colour, label=mode + suffix)
     for mode, points in bound_series(rows).items():
         colour = STYLE.get(mode, ("black",))[0]
         xs, ys = zip(*points)
-        ax1.plot(xs, ys, ":", marker="x", color=colour, alpha=0.7, label=f"{mode}: modelled bound (no prefill)")
+        ax1.plot(xs, ys, ":", marker="x", color=colour, alpha=0.7, label=f"{mode}: modelled bound (decode, vs cloud decode)")
     ax1.axhline(1.0, color="#999999", lw=0.8)
     ax1.set_xlabel("round-trip time (ms)")
     ax1.set_ylabel("speedup over cloud-only (tokens/s ratio)")
@@ -80,8 +97,11 @@ def plot(rows: list[dict], records: list[dict], out: Path, title: str = "") -> P
             patch.set_facecolor(STYLE.get(label.split("\n")[0], ("#cccccc",))[0])
             patch.set_alpha(0.45)
         ax2.set_yscale("log")
+        ax2.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax2.yaxis.set_major_formatter(ScalarFormatter())
-        ax2.yaxis.set_minor_formatter(ScalarFormatter())
+        ax2.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax2.text(0.5, 0.5, "no per-token timings recorded", ha="center", va="center", transform=ax2.transAxes)
     ax2.set_ylabel("per-token latency (ms, log scale)")
     ax2.set_title("Per-token latency (box: p25-p75, whiskers: p5-p95)")
     ax2.grid(alpha=0.3, axis="y")

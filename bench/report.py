@@ -71,7 +71,8 @@ def pool(records: list[dict]) -> dict:
         return sum(r.get(key) or 0 for r in records)
 
     out = {k: total(k) for k in ("new_tokens", "wall_s", "accepted", "rejected", "rounds",
-                                 "bytes_up", "bytes_down", "draft_s", "draft_steps")}
+                                 "bytes_up", "bytes_down", "draft_s", "draft_steps", "reconnects",
+                                 "edge_only_tokens")}
     out["prompts"] = len(records)
     out["ttft_s"] = [r["ttft_s"] for r in records if r.get("ttft_s") is not None]
     out["tpot_s"] = [x for r in records for x in r.get("tpot_s") or []]
@@ -190,6 +191,8 @@ def summarise_run(mode: str, rtt_ms: float, records: list[dict], info: dict, ove
         "joules_per_token": joules_per_token(energy, p["new_tokens"]),
         "energy_source": energy.get("source", "not measured"), "energy_formula": energy.get("formula"),
         "exact_matches": None, "exact_compared": None,
+        # a lost verifier: answers that reconnected, or fell back to draft-only tokens, are not clean runs
+        "reconnects": p["reconnects"], "edge_only_tokens": p["edge_only_tokens"],
     }
     if p["tpot_s"]:
         row.update(tpot_ms_p50=_pct(p["tpot_s"], 50) * 1e3, tpot_ms_p95=_pct(p["tpot_s"], 95) * 1e3,
@@ -343,9 +346,12 @@ def table_notes(rows: list[dict], mismatches: list[dict], breakeven: dict) -> li
     if any(r["mode"] == "hf-assisted" for r in rows):
         notes.append("^ hf-assisted: draft and target co-located on the cloud cores, no network (run once, "
                      "shown on every rtt row)")
-    sources = sorted({r["energy_source"] for r in rows})
+    measured = sorted({r["energy_source"] for r in rows if r["joules_per_token"] is not None})
     formulas = sorted({r["energy_formula"].split(" = ")[0] for r in rows if r.get("energy_formula")})
-    notes.append(f"energy: {', '.join(sources)}" + (f" ({formulas[0]})" if formulas else ""))
+    if measured:
+        notes.append(f"energy (edge device): {', '.join(measured)}" + (f", {formulas[0]}" if formulas else ""))
+    else:
+        notes.append("energy: not measured (no sensor here; --idle-watts/--busy-watts give a labelled estimate)")
     tp = sorted({r["tpot_source"] for r in rows if r["tpot_source"]})
     if tp:
         notes.append(f"TPOT from {'; '.join(tp)}")
@@ -360,6 +366,10 @@ def table_notes(rows: list[dict], mismatches: list[dict], breakeven: dict) -> li
             notes.append(f"break-even RTT {mode} vs hf-assisted: modelled {where} (vs its decode rate "
                          f"{_fmt(breakeven['hf_assisted_decode_tokens_per_s'])} tok/s); measured crossing "
                          + (f"{measured:.0f} ms" if measured is not None else "not within the swept RTTs"))
+    for r in rows:
+        if r["reconnects"] or (r["edge_only_tokens"] and r["mode"] != "edge"):
+            notes.append(f"{r['mode']}@{_fmt(r['rtt_ms'], 'g')}: {r['reconnects']} reconnects, "
+                         f"{r['edge_only_tokens']} draft-only tokens: not a clean run")
     if mismatches:
         notes.append(f"greedy mismatches vs cloud-only: {len(mismatches)} (" + "; ".join(
             f"{m['mode']}@{_fmt(m['rtt_ms'], 'g')} {m['prompt']} pos {m['position']}" for m in mismatches[:6]) + ")")

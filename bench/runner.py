@@ -27,6 +27,7 @@ LINK_MODES = ("cloud", "sync", "pipeline")
 ALL_MODES = ("edge", "cloud", "sync", "pipeline", "hf-assisted")
 WARMUP_TOKENS = 8
 WARMUP_PROMPT = "Say hello in one short sentence."
+REPLY_TIMEOUT_S = 900.0
 
 Progress = Callable[[str, bool], None]  # (label, True) once per answer; (message, False) for notes
 
@@ -45,7 +46,7 @@ class BenchConfig:
     draft: str | None = None
     target: str | None = None
     token: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     threads: int | None = None
     pin: bool = True
     cloud: str | None = None  # a remote verifier's URL; None = start one on this machine
@@ -105,7 +106,8 @@ def record_from(mode: str, rtt_ms: float | None, prompt: BenchPrompt, answer, cl
             "draft_s": edge.get("phases_s", {}).get("draft", 0.0),
             "draft_steps": edge.get("phase_counts", {}).get("draft", 0),
             "verify_s": list(s.verify_s), "block_sizes": list(s.block_sizes),
-            "meters_tpot_ms": edge.get("tpot_ms")}
+            "meters_tpot_ms": edge.get("tpot_ms"), "reconnects": getattr(s, "reconnects", 0),
+            "edge_only_tokens": getattr(s, "edge_only_tokens", 0)}
 
 
 def hf_record(event: dict, prompt: BenchPrompt) -> dict:
@@ -140,8 +142,11 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
             verifier, proxy = await _start_cloud_side(cfg, split, result, progress)
         path = (urlsplit(cfg.cloud).path or "/ws") if cfg.cloud and "://" in cfg.cloud else "/ws"
         url = proxy.url_for(path, "ws") if proxy else None
+        # a benchmark must fail loudly rather than fill answers with draft-only tokens, and a slow
+        # CPU verifier's prefill can take minutes: no edge-only fallback, a patient reply timeout
         client = EdgeClient(EdgeConfig(draft=cfg.draft, cloud=url, token=cfg.token, dtype=cfg.dtype,
-                                       threads=cfg.threads, pin_cores=False))
+                                       threads=cfg.threads, pin_cores=False, edge_fallback=False,
+                                       reply_timeout_s=REPLY_TIMEOUT_S))
         await client.start(need_cloud=bool(link_modes))
         result.setup.update(draft=client.draft_name, draft_threads=client.drafter.config.resolved_threads(),
                             stop_ids=list(client.stop_ids))
@@ -236,7 +241,7 @@ async def _run_mode(client, cfg: BenchConfig, mode: str, rtt: float | None, ids:
 
     meter = EnergyMeter(sensor, auto_detect=False, figures=cfg.figures)
     wire0 = (proxy.bytes_up, proxy.bytes_down) if proxy else None
-    timeout = 120.0 + 3.0 * cfg.max_new_tokens  # a hung pipeline must not hang the benchmark
+    timeout = REPLY_TIMEOUT_S + 5.0 * cfg.max_new_tokens  # a hung pipeline must not hang the benchmark
     await _fresh_state(client)
     meter.start()
     for prompt, prompt_ids in zip(cfg.prompts, ids):

@@ -14,8 +14,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=None, help="target model: a transformers directory or a GGUF "
                    "file (default: $PICOSPEC_TARGET, else Qwen2.5-Coder-1.5B-Instruct)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="target weights dtype (default bfloat16; float32 for bit-exact greedy tests)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="target dtype (default auto: bfloat16 on CUDA or a CPU with native bf16, "
+                        "else float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--token", default=os.environ.get("PICOSPEC_TOKEN"),
                    help="shared secret edges must present (default $PICOSPEC_TOKEN; unset = open)")

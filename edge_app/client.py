@@ -24,7 +24,7 @@ class EdgeConfig:
     cloud: str | None = None  # ws://host:port[/ws]; None = start a local verifier
     target: str | None = None  # for the local verifier only
     token: str | None = None
-    dtype: str = "bfloat16"  # local verifier's target dtype
+    dtype: str = "auto"  # local verifier's target dtype
     threads: int | None = None  # draft threads
     cloud_threads: int | None = None  # local verifier's torch threads
     pin_cores: bool = True  # split this machine's cores between edge and local verifier

@@ -33,7 +33,7 @@ def split_cores() -> tuple[set[int], set[int]] | None:
 class EmbeddedVerifier:
     """`python -m cloud.cli --port 0 ...` as a child process; `.url` once it is ready."""
 
-    def __init__(self, target: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
+    def __init__(self, target: str | None = None, dtype: str = "auto", threads: int | None = None,
                  cores: set[int] | None = None, token: str | None = None, extra_args: list[str] = (),
                  startup_timeout_s: float = 900.0, log_path: str | None = None):
         self.args = [sys.executable, "-m", "cloud.cli", "--host", "127.0.0.1", "--port", "0",

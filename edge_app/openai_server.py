@@ -68,6 +68,7 @@ class StopWatcher:
 
     def __call__(self, new_ids: list[int], speculative: list[int]) -> None:
         if self.stopped:
+            self._cancel()
             return
         if self.first_s is None and new_ids:
             self.first_s = time.perf_counter()
@@ -80,8 +81,14 @@ class StopWatcher:
             text, self.stopped = text[:cut], True
         self.text = text
         self._send(len(text) if self.stopped else len(text) - holdback(text, self.stops))
-        if self.stopped and self.task is not None:
-            self.task.cancel()  # enough: the rest of the answer would be cut anyway
+        if self.stopped:
+            self._cancel()  # enough: the rest of the answer would be cut anyway
+
+    def _cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            # Python 3.11's wait_for swallows a cancel that races a reply: insist until it ends
+            asyncio.get_running_loop().call_later(0.25, self._cancel)
 
     def flush(self) -> None:
         self.text = self.text if self.stopped else self.decode(self.ids)
@@ -208,7 +215,9 @@ class EdgeServer:
         from picospec.api import merge_stats
 
         edge_only = sum(s.get("edge_only_tokens", 0) for s in stats)
+        # partial: an answer cut by a stop string was cancelled, so its pipeline counts are missing
         return {**merge_stats(stats), "mode": mode, "edge_only_tokens": edge_only,
+                "partial": any(s.get("partial", False) for s in stats),
                 "target_quality": mode != "edge" and edge_only == 0,
                 "draft": self.client.draft_name, "cloud": self.client.cloud_url}
 

@@ -80,8 +80,9 @@ def format_stats(last: dict | None, turns: list[dict]) -> str:
     if edge:
         phases = ", ".join(f"{k} {v:.2f} s" for k, v in edge.get("phases_s", {}).items() if v > 0)
         tpot = edge.get("tpot_ms") or {}
-        lines.append(f"edge meters: {phases}; TPOT p50 {_num(tpot.get('p50'), '.0f')} ms, p95 "
-                     f"{_num(tpot.get('p95'), '.0f')} ms; CPU {_num(edge.get('cpu_s'))} s; "
+        tpot_text = (f"TPOT p50 {tpot['p50']:.0f} ms, p95 {tpot['p95']:.0f} ms"
+                     if tpot.get("p50") is not None else "TPOT -")
+        lines.append(f"edge meters: {phases}; {tpot_text}; CPU {_num(edge.get('cpu_s'))} s; "
                      f"peak RSS {_num(edge.get('peak_rss_mib'), '.0f')} MiB")
     return "\n".join(lines)
 
@@ -110,8 +111,11 @@ class LoopThread:
 
         def cancel() -> None:
             state["cancel"] = True
-            if state["task"] is not None:
-                state["task"].cancel()
+            task = state["task"]
+            if task is not None and not task.done():
+                task.cancel()
+                # Python 3.11's wait_for swallows a cancel that races a reply: insist until it ends
+                self.loop.call_later(0.25, cancel)
 
         async def guarded():
             task = state["task"] = asyncio.ensure_future(coro)

@@ -20,7 +20,7 @@ from sampling import SamplingParams
 
 class PicoSpec:
     def __init__(self, draft: str | None = None, cloud: str | None = None, target: str | None = None,
-                 token: str | None = None, dtype: str = "bfloat16", threads: int | None = None,
+                 token: str | None = None, dtype: str = "auto", threads: int | None = None,
                  cloud_threads: int | None = None, pin_cores: bool = True, need_cloud: bool = True,
                  **faults):
         """faults: more EdgeConfig fields (reply_timeout_s, reconnect_s, edge_fallback,

@@ -10,7 +10,8 @@ def add_edge_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cloud", default=None, help="verifier URL, e.g. ws://host:8765 (default: start one locally)")
     g.add_argument("--target", default=None, help="target for the local verifier (default $PICOSPEC_TARGET, else Qwen2.5-Coder-1.5B-Instruct)")
     g.add_argument("--token", default=None, help="shared secret for the verifier (default $PICOSPEC_TOKEN)")
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="local verifier dtype")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="local verifier dtype (default auto: bf16 where the hardware has it, else fp32)")
     g.add_argument("--threads", type=int, default=None, help="draft threads (default: the edge's cores)")
     g.add_argument("--no-pin", action="store_true", help="don't split cores between edge and local verifier")
     g.add_argument("--ca-cert", default=None, help="PEM CA certificate to trust for a wss:// verifier "

@@ -199,7 +199,7 @@ def test_table_is_aligned_and_labels_edge_and_reference():
     assert "edge*^" in text and "hf-assisted^" in text and " ref" in text
     notes = "\n".join(report.table_notes(rows, mismatches, report.break_even(records, run_info, rows)))
     assert "NOT target quality" in notes and "greedy mismatches vs cloud-only: 1" in notes
-    assert "break-even RTT pipeline" in notes
+    assert "break-even RTT pipeline" in notes and "energy (edge device): estimate, idle_W" in notes
 
 
 def test_json_schema():
@@ -227,6 +227,11 @@ def test_plot_writes_a_png(tmp_path):
     records, run_info = synthetic()
     rows, _ = report.build_rows(records, run_info, [50, 150], list(report.MODE_ORDER))
     assert [g[0] for g in latency_groups(records, ["cloud", "edge"])] == ["cloud\n50 ms", "cloud\n150 ms", "edge\nno link"]
+    from bench.plot import bound_series, off_scale_modes, speedup_series
+
+    assert off_scale_modes(speedup_series(rows), bound_series(rows)) == set()  # bounds reach 6.9x: edge fits
+    far = {"edge": [(50, 8.6)], "pipeline": [(50, 1.3)], "sync": [(50, 1.1)]}
+    assert off_scale_modes(far, {"pipeline": [(50, 1.8)]}) == {"edge"}
     out = plot(rows, records, tmp_path / "b.png", "title")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -274,3 +279,27 @@ def test_bench_end_to_end(tmp_path):
         assert run["prompts"] == 1 and run["tokens_per_s"] > 0
     assert not doc["setup"]["errors"], doc["setup"]["errors"]
     assert png.stat().st_size > 10_000
+
+
+def test_records_from_answers_and_hf_events_feed_the_report():
+    from bench.prompt_sets import BenchPrompt
+    from bench.runner import CommitClock, hf_record, record_from
+    from edge_app.pipeline import Answer, GenerationStats
+
+    prompt = BenchPrompt("gsm8k", "1", "q")
+    stats = GenerationStats(mode="sync", accepted=5, rejected=1, rounds=2, new_tokens=7, wall_s=1.4, ttft_s=0.4,
+                            block_sizes=[4, 4], verify_s=[0.2, 0.25], reconnects=1,
+                            edge={"phases_s": {"draft": 0.8}, "phase_counts": {"draft": 8}})
+    clock = CommitClock()
+    clock.commits = [(0.4, 3), (1.0, 4)]
+    r = record_from("sync", 50, prompt, Answer(list(range(7)), stats, "length"), clock)
+    assert r["prompt"] == "gsm8k:1" and r["tpot_s"] == pytest.approx([0.15] * 4)
+    assert (r["draft_s"], r["draft_steps"], r["reconnects"]) == (0.8, 8, 1)
+    h = hf_record({"token_ids": [5, 6, 7], "tokens": 3, "seconds": 2.0, "ttft_s": 1.0,
+                   "commits": [[1.0, 1], [2.0, 2]]}, prompt)
+    assert (h["accepted"], h["rounds"], h["tpot_s"]) == (1, 2, [0.5, 0.5])
+    rows, _ = report.build_rows([r, h, {**r, "mode": "cloud", "reconnects": 0}], {}, [50],
+                                ["cloud", "sync", "hf-assisted"])
+    sync = next(x for x in rows if x["mode"] == "sync")
+    assert sync["reconnects"] == 1 and sync["model_params"]["t_verify_ms"] == pytest.approx(225.0)
+    assert any("1 reconnects" in n for n in report.table_notes(rows, [], {}))

@@ -60,3 +60,12 @@ def test_the_edge_extra_pulls_neither_torch_nor_transformers():
     closure = _closure(edge)
     assert "llama-cpp-python" in closure and "numpy" in closure
     assert not set(HEAVY) & closure, sorted(closure)
+
+
+def test_auto_dtype_picks_bf16_only_where_the_hardware_has_it():
+    from cloud.engine import auto_dtype
+
+    assert auto_dtype("cuda") == "bfloat16"
+    assert auto_dtype("cpu", {"avx2", "fma"}) == "float32"
+    assert auto_dtype("cpu", {"avx2", "avx512_bf16"}) == "bfloat16"
+    assert auto_dtype("cpu", {"amx_bf16", "amx_tile"}) == "bfloat16"

@@ -104,6 +104,7 @@ def test_completions_length_n_and_stop():
         assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 10
         cut = await api.completions.create(model="any", prompt="count:", stop=[", 2"])
         assert cut.choices[0].text == "Hello world, this is a test. 1" and cut.choices[0].finish_reason == "stop"
+        assert cut.model_extra["picospec"]["partial"] is True and cut.usage.completion_tokens == len(ANSWER[:33])
         stream = await api.completions.create(model="any", prompt="x", stop="world", stream=True)
         assert "".join([c.choices[0].text async for c in stream if c.choices]) == "Hello "
     with_app(FakeClient(), check)

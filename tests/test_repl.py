@@ -158,8 +158,6 @@ def test_real_chat_in_a_terminal(tmp_path):
         child.expect(r"tok/s", timeout=300)
         child.expect_exact("you> ")
         # Ctrl-C in the middle of a long answer: the answer stops, the chat goes on
-        child.sendline("/mode pipeline")
-        child.expect_exact("you> ")
         child.sendline("Write a long, detailed essay about the history of computing.")
         child.expect_exact("computing.\r\n")  # the echo of the line
         child.expect(r"[A-Za-z]{3}", timeout=300)  # then the answer has begun

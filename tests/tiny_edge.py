@@ -111,8 +111,8 @@ class HealthySession:
     """Answers PROMPT again and again on one session from a background thread, checking each one
     against the target; `check()` says whether it kept working the whole time."""
 
-    def __init__(self, url: str, target, prompt: list[int] = (5, 9, 11), n: int = 12):
-        self.url, self.prompt, self.n = url, list(prompt), n
+    def __init__(self, url: str, target, prompt: list[int] = (5, 9, 11), n: int = 12, pause_s: float = 0.01):
+        self.url, self.prompt, self.n, self.pause_s = url, list(prompt), n, pause_s
         self.expected = reference(target, self.prompt, n)
         self.drafter = TinyDrafter(perturbed(target, 1.0))
         self.answers = 0
@@ -133,7 +133,7 @@ class HealthySession:
                 self.answers += 1
                 if ans.token_ids != self.expected:
                     self.wrong.append(ans.token_ids)
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(self.pause_s)
             await link.close()
         except BaseException as err:  # reported by check()
             self.error = err
