@@ -64,7 +64,8 @@ def build_server(args):
 
 def server_config(args):
     """ServerConfig from the serve flags (checks the TLS files load before the model does)."""
-    from cloud.server import ServerConfig, server_ssl
+    from cloud.connection import server_ssl
+    from cloud.server import ServerConfig
 
     server_ssl(args.tls_cert, args.tls_key)  # a wrong path or key fails now, with its reason
     return ServerConfig(

@@ -8,22 +8,20 @@ that says what was wrong.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
-import ssl
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from aiohttp import WSCloseCode, WSMsgType, web
+from aiohttp import WSMsgType, web
 
 import codec
-from cloud.limits import SessionQuota, TokenBucket, match_token, op_cost
+from cloud.connection import Conn, WebSocket, check_hello, server_ssl
+from cloud.limits import SessionQuota, TokenBucket, op_cost
 from cloud.metrics import Metrics, process_memory
 from cloud.session import Block, SessionError, VerifySession
-from sampling import SamplingParams
 
 log = logging.getLogger("picospec.cloud")
 COUNTERS = ("picospec_sessions_total", "picospec_verify_passes_total", "picospec_drafted_tokens_total",
@@ -48,6 +46,9 @@ class ServerConfig:
     hello_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     max_block: int = 16
+    # fill bubbles with the cloud's own target tokens only while the verifier is this lightly
+    # shared: with many sessions, idle time of one is another's verify time
+    fill_max_sessions: int = 2
     max_queued_msgs: int = 256
     max_queued_cost: int = 1 << 18  # ids held by a connection's decoded, not yet handled messages
     max_queued_entries: int = 1 << 21  # drafted ids + distribution entries awaiting a pass
@@ -58,47 +59,6 @@ class ServerConfig:
     @property
     def accepted_tokens(self) -> tuple[str, ...]:
         return ((self.token,) if self.token else ()) + tuple(t for t in self.tokens if t)
-
-
-@dataclass(eq=False)
-class Conn:
-    """One connection's state, shared by its read loop (fills `ops`) and work loop (drains it)."""
-
-    sid: str
-    ws: web.WebSocketResponse
-    bucket: TokenBucket
-    session: VerifySession | None = None
-    quota_key: str | None = None
-    ops: collections.deque = field(default_factory=collections.deque)
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    cost: int = 0  # op_cost of what is in ops
-    busy: bool = False  # the work loop is handling a message (an edge may wait in silence)
-    last_active: float = field(default_factory=time.monotonic)
-    opened: float = field(default_factory=time.monotonic)
-
-    def push(self, op) -> None:
-        self.ops.append(op)
-        self.cost += op_cost(op)
-        self.wake.set()
-
-    def pop(self):
-        op = self.ops.popleft()
-        self.cost -= op_cost(op)
-        return op
-
-
-class _WebSocket(web.WebSocketResponse):
-    """aiohttp closes on an oversized message before the handler sees it: say why first."""
-
-    async def close(self, *, code: int = WSCloseCode.OK, message: bytes = b"", drain: bool = True) -> bool:
-        if code == WSCloseCode.MESSAGE_TOO_BIG and not self.closed:
-            try:
-                await self.send_bytes(codec.encode(codec.Error(
-                    code="too_large", message=f"a message over {self._max_msg_size} bytes")))
-            except (ConnectionError, RuntimeError):
-                pass
-            message = message or b"too_large"
-        return await super().close(code=code, message=message, drain=drain)
 
 
 class VerifierServer:
@@ -150,6 +110,7 @@ class VerifierServer:
             "status": "ok", "model": self.model_name, "vocab_size": self.engine.vocab_size,
             "sessions": len(self.sessions), "protocol": list(codec.SUPPORTED_VERSIONS),
             "device": str(self.engine.device),
+            "fingerprint": self.fingerprint,  # the tokenizer's (public): what a hello must match
         })
 
     @property
@@ -168,7 +129,7 @@ class VerifierServer:
 
     # -- the protocol ------------------------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        ws = _WebSocket(max_msg_size=self.config.max_msg_size, heartbeat=30.0)
+        ws = WebSocket(max_msg_size=self.config.max_msg_size, heartbeat=30.0)
         conn = Conn(sid=uuid.uuid4().hex[:12], ws=ws,
                     bucket=TokenBucket(self.config.msgs_per_s, self.config.msg_burst))
         try:
@@ -218,24 +179,7 @@ class VerifierServer:
         hello = self._decode(msg.data)
         if not isinstance(hello, codec.Hello):
             raise SessionError("bad_message", f"expected hello, got {type(hello).__name__}")
-        accepted = cfg.accepted_tokens
-        which = match_token(hello.token, accepted) if accepted else None
-        if accepted and which is None:
-            raise SessionError("unauthorized", "missing or wrong access token")
-        ok, reason = compatible_fingerprints(hello.fingerprint, self.fingerprint)
-        if not ok:
-            raise SessionError("model_mismatch", f"the draft cannot work with target {self.model_name}: {reason}")
-        try:
-            params = SamplingParams(
-                temperature=float(hello.sampling.get("temperature", 0.0)),
-                top_p=float(hello.sampling.get("top_p", 1.0)),
-                top_k=int(hello.sampling.get("top_k", 0)),
-                seed=hello.sampling.get("seed"),
-            ).validate()
-        except (TypeError, ValueError) as err:
-            raise SessionError("bad_message", f"bad sampling settings: {err}")
-        if hello.variant not in ("exact", "paper"):
-            raise SessionError("bad_message", f"unknown variant {hello.variant!r}; use 'exact' or 'paper'")
+        which, params = check_hello(hello, cfg.accepted_tokens, self.fingerprint, self.model_name)
         if len(self.sessions) >= cfg.max_sessions:
             raise SessionError("overloaded", f"the verifier serves {cfg.max_sessions} sessions at most")
         # one credential's sessions are capped so that it cannot take every slot
@@ -339,6 +283,9 @@ class VerifierServer:
         try:
             while True:
                 while not conn.ops:
+                    if session is not None and session.can_fill():
+                        await self._fill_one(conn, loop)
+                        continue
                     conn.wake.clear()
                     await conn.wake.wait()
                 op = conn.pop()
@@ -372,7 +319,8 @@ class VerifierServer:
             rows = await loop.run_in_executor(self.executor, session.engine.forward,
                                               rest[start:start + PREFILL_CHUNK])
             last = rows[-1]
-        session.end_prompt(op.ids, op.max_new_tokens, last)
+        session.end_prompt(op.ids, op.max_new_tokens, last,
+                           fill=op.fill and len(self.sessions) <= self.config.fill_max_sessions)
         seconds = time.perf_counter() - t0
         self.metrics.observe("picospec_prefill_seconds", seconds)
         self.metrics.inc("picospec_prefill_tokens_total", len(rest))
@@ -413,6 +361,18 @@ class VerifierServer:
                 kind=result.kind, new_epoch=epoch, verify_s=result.verify_s,
                 top_ids=result.top_ids, top_probs=result.top_probs, seq=block.seq))
 
+    async def _fill_one(self, conn: Conn, loop) -> None:
+        """One target token of the cloud's own while the edge drafts after a correction (exact:
+        sampled from p). If a draft arrives during the forward pass, its row verifies that draft
+        instead and nothing is sampled."""
+        session = conn.session
+        await loop.run_in_executor(self.executor, session.prepare_fill)
+        if conn.ops or not session.can_fill():
+            return
+        token = session.commit_fill()
+        self.metrics.inc("picospec_filled_tokens_total")
+        await self._send(conn, codec.Tokens(pos=len(session.context) - 1, ids=[token], done=False))
+
     async def _generate(self, conn: Conn, max_new_tokens: int, loop) -> None:
         """Cloud-only decoding: one target token per forward pass, streamed as it is committed."""
         session = conn.session
@@ -438,28 +398,6 @@ class VerifierServer:
 
     def _log(self, level: int, conn: Conn, event: str, text: str, **fields) -> None:
         log.log(level, "session %s %s", conn.sid, text, extra={"session": conn.sid, "event": event, **fields})
-
-
-def server_ssl(cert: str | None, key: str | None) -> ssl.SSLContext | None:
-    """TLS for wss://: the certificate chain and its key (PEM files); None serves plain ws://."""
-    if not cert:
-        if key:
-            raise ValueError("--tls-key needs --tls-cert")
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    ctx.load_cert_chain(cert, key)
-    return ctx
-
-
-def compatible_fingerprints(draft: dict, target: dict) -> tuple[bool, str]:
-    """Whether a draft's tokenizer can work with the target's (see models.fingerprint)."""
-    from models.fingerprint import Fingerprint, compatible
-
-    try:
-        return compatible(Fingerprint.from_dict(draft), Fingerprint.from_dict(target))
-    except (KeyError, TypeError, ValueError) as err:
-        return False, f"malformed tokenizer fingerprint: {err}"
 
 
 def ready_line(port: int, model: str, scheme: str = "http") -> str:

@@ -99,6 +99,11 @@ class VerifySession:
         self.max_new_tokens = 0
         self.prompt_len = 0
         self.queue: list[Block] = []
+        # bubble filling: after a correction, until fresh drafts arrive, the cloud commits target
+        # tokens of its own (exact: sampled from p) so that the verifier never idles
+        self.fill = False
+        self.in_bubble = False
+        self.extended = 0
         # counters for /metrics and stats
         self.drafted = 0
         self.accepted = 0
@@ -126,7 +131,10 @@ class VerifySession:
         self.context, self.prompt_len, self.pending_row = [], 0, None
         return ids[keep:]
 
-    def end_prompt(self, ids: list[int], max_new_tokens: int, last_row: torch.Tensor) -> None:
+    def end_prompt(self, ids: list[int], max_new_tokens: int, last_row: torch.Tensor,
+                   fill: bool = False) -> None:
+        self.fill = fill and self.variant == "exact"
+        self.in_bubble = self.fill  # the edge is drafting its first block: fill the wait
         self.context = list(ids)
         self.pending_row = last_row
         self.awaiting_forced = False
@@ -154,6 +162,12 @@ class VerifySession:
             return False
         if not self.prompt_len:
             raise SessionError("bad_message", "a draft arrived before any prompt")
+        if block.pos < len(self.context) and not self.queue and self.fill and not block.forced:
+            if not self._strip_filled(block):
+                return False
+            if not block.ids:
+                return True
+        self.in_bubble = False
         if block.pos != self.expected_pos():
             raise SessionError("bad_message", f"draft for position {block.pos}, expected {self.expected_pos()}")
         if self.awaiting_forced and not self.queue and not block.forced:
@@ -174,6 +188,49 @@ class VerifySession:
         self.queued_entries += entries
         self.queue.append(block)
         return True
+
+    def _strip_filled(self, block: Block) -> bool:
+        """Drafts for positions the cloud has already filled: those that match are dropped from
+        the block; a mismatch makes the rest stale (epoch bump), exactly as the edge decides when it
+        sees the same filled tokens against the same sent drafts."""
+        overlap = min(len(block.ids), len(self.context) - block.pos)
+        if block.ids[:overlap] != self.context[block.pos:block.pos + overlap]:
+            self._correct()
+            return False
+        block.ids = block.ids[overlap:]
+        if block.dists is not None:
+            block.dists = block.dists[overlap:]
+        if block.q_scalar is not None:
+            block.q_scalar = block.q_scalar[overlap:]
+        block.pos += overlap
+        return True
+
+    def _correct(self) -> None:
+        """The committed prefix now differs from the edge's drafts: they are all stale."""
+        self.epoch += 1
+        self._clear_queue()
+        self.in_bubble = self.fill
+
+    # -- bubble filling ----------------------------------------------------------------------
+    def can_fill(self) -> bool:
+        """Idle, asked to, and nothing fresh to verify: commit a target token of our own."""
+        last = self.context[-1] if self.context else None
+        return (self.fill and self.in_bubble and not self.queue and self.prompt_len > 0
+                and self.generated < self.max_new_tokens and last != self.eos_id)
+
+    def prepare_fill(self) -> None:
+        """The forward pass a filled token needs (worker thread). Its row is kept as pending, so
+        if a draft arrives meanwhile it verifies that draft's first token instead."""
+        if self.pending_row is None:
+            self.pending_row = self.engine.forward(self.context[self.engine.cache_len:])[-1]
+
+    def commit_fill(self) -> int:
+        """Sample the next token from the target's own distribution and commit it."""
+        token = self._sample(self.pending_row)
+        self.context.append(token)
+        self.pending_row = None
+        self.extended += 1
+        return token
 
     def take_block(self, max_block: int) -> Block | None:
         """Merge queued blocks (in order) into one pass of at most max_block drafted tokens."""
@@ -277,6 +334,7 @@ class VerifySession:
         if result.token is not None:
             self.context.append(result.token)
         if result.kind:  # the edge's later drafts no longer follow the committed prefix
+            self.in_bubble = self.fill
             self.epoch += 1
             self._clear_queue()
         return self.epoch

@@ -68,6 +68,9 @@ class Prompt:
 
     ids: list[int]
     max_new_tokens: int
+    # the cloud may fill its idle time (while no fresh drafts are queued after a correction)
+    # with target tokens of its own, sent as Tokens; the pipeline asks for it, sync does not
+    fill: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,7 @@ _SCHEMAS = (
             model=("m", F.text(MAX_STR)), vocab_size=("n", F.uint(MAX_VOCAB, lo=1)),
             server=("sv", F.text())),
     _schema(Prompt, 3, _no_check,
-            ids=("i", F.id_list(MAX_PROMPT)), max_new_tokens=("n", F.uint())),
+            ids=("i", F.id_list(MAX_PROMPT)), max_new_tokens=("n", F.uint()), fill=("fl", F.flag())),
     _schema(Prefilled, 4, _no_check,
             committed_len=("c", F.uint()), epoch=("e", F.uint()), prefill_s=("ps", F.seconds())),
     _schema(Draft, 5, _check_draft,

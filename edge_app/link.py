@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
+from typing import Callable
 
 import aiohttp
 
@@ -41,6 +42,9 @@ class CloudLink:
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._reader: asyncio.Task | None = None
         self._stalled = False
+        # observer(direction, message) for each message sent ("up") or received ("down"): traces,
+        # and the load test's round-trip timing
+        self.observer: Callable[[str, object], None] | None = None
 
     async def connect(self, hello: codec.Hello) -> codec.Welcome:
         """Open the WebSocket and exchange hello / welcome, all within connect_timeout_s.
@@ -84,6 +88,8 @@ class CloudLink:
             raise CloudError("disconnected", f"send failed: {err}") from err
         self.bytes_up += len(data)
         self.messages_up += 1
+        if self.observer is not None:
+            self.observer("up", msg)
         return len(data)
 
     async def recv(self, timeout: float | None = None):
@@ -124,6 +130,8 @@ class CloudLink:
                 except codec.CodecError as err:
                     self._inbox.put_nowait(CloudError(err.code, f"bad frame from the verifier: {err.message}"))
                     return
+                if self.observer is not None:
+                    self.observer("down", decoded)
                 if isinstance(decoded, codec.Error):
                     self._inbox.put_nowait(CloudError(decoded.code, decoded.message))
                     return
@@ -153,7 +161,6 @@ class CloudLink:
             await asyncio.gather(self._reader, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
-
 
 
 def client_ssl(url: str, ca_cert: str | None) -> ssl.SSLContext | bool:

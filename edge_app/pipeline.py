@@ -43,6 +43,7 @@ class GenerateOptions:
     variant: str = "exact"  # "exact" (sparse q up, cloud recovers) or "paper" (scalar q up, top-K down)
     paper_top_k: int = 8
     block: int | None = None  # fixed block size; None adapts to measurements
+    fill: bool = True  # pipeline: let the cloud fill its idle bubbles with target tokens
     run_ahead: int | None = None  # max unverified drafted tokens; None = 2 x block
     stop_ids: tuple[int, ...] = ()
 
@@ -64,6 +65,7 @@ class GenerationStats:
     new_tokens: int = 0
     reconnects: int = 0
     edge_only_tokens: int = 0
+    filled: int = 0
     block_sizes: list[int] = field(default_factory=list)
     verify_s: list[float] = field(default_factory=list)
     edge: dict = field(default_factory=dict)
@@ -80,6 +82,7 @@ class GenerationStats:
             "rounds": self.rounds,
             "stale_drafts": self.stale_drafts,
             "reconnects": self.reconnects,
+            "filled": self.filled,
             "edge_only_tokens": self.edge_only_tokens,
             "acceptance_rate": self.accepted / verified if verified else None,
             "mean_accepted_per_round": self.accepted / self.rounds if self.rounds else None,
@@ -299,7 +302,8 @@ class Pipeline:
         self._bytes0 = (link.bytes_up, link.bytes_down)
         self._reset_speculation()
         # 1. both sides prefill at once: the committed prefix goes up first, the edge prefills locally
-        await link.send(codec.Prompt(ids=self.committed, max_new_tokens=self._remaining()))
+        fill = self.opt.fill and not sync and self.opt.variant == "exact"
+        await link.send(codec.Prompt(ids=self.committed, max_new_tokens=self._remaining(), fill=fill))
         self.epoch += 1
         await self._drafter_call("prefill", self.drafter.prefill, self.committed)
         self._needs_resync = False
@@ -367,8 +371,34 @@ class Pipeline:
         self.sent = len(self.drafted)
         self.forced = []
 
+    def _on_filled(self, msg) -> None:
+        """Target tokens the cloud committed on its own while it had nothing fresh to verify.
+
+        A drafted token at the same position that matches is simply committed. A sent draft that
+        differs is stale, and the cloud, seeing the same pair, bumps its epoch as we do here; unsent
+        drafts are dropped without a word.
+        """
+        for i, token in enumerate(msg.ids):
+            if msg.pos + i != len(self.committed):
+                raise RuntimeError(f"filled token for position {msg.pos + i}, committed {len(self.committed)}")
+            self.stats.filled += 1
+            if self.drafted and self.drafted[0] == token:
+                self.drafted, self.dists = self.drafted[1:], self.dists[1:]
+                self.sent = max(0, self.sent - 1)
+            else:
+                if self.sent:
+                    self.epoch += 1
+                self.stats.stale_drafts += len(self.drafted)
+                self.drafted, self.dists, self.sent = [], [], 0
+                self.stop_drafting = False
+                self._needs_resync = True
+            self._commit([token])
+
     def _on_message(self, msg) -> None:
         if isinstance(msg, codec.Prefilled):
+            return
+        if isinstance(msg, codec.Tokens):
+            self._on_filled(msg)
             return
         if not isinstance(msg, codec.Verdict):
             raise RuntimeError(f"unexpected {type(msg).__name__} from the verifier during drafting")

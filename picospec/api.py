@@ -97,7 +97,7 @@ async def generate_async(client: EdgeClient, prompt: str | list[int], *, options
 def merge_stats(stats: list[dict]) -> dict:
     """Totals over completions (rates recomputed from the totals)."""
     keys = ("drafted", "accepted", "rejected", "recovered", "bonus", "rounds", "stale_drafts",
-            "bytes_up", "bytes_down", "wall_s", "new_tokens", "reconnects", "edge_only_tokens")
+            "bytes_up", "bytes_down", "wall_s", "new_tokens", "reconnects", "edge_only_tokens", "filled")
     out = {k: sum(s[k] for s in stats) for k in keys}
     verified = out["accepted"] + out["rejected"]
     out["acceptance_rate"] = out["accepted"] / verified if verified else None

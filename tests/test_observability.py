@@ -57,7 +57,7 @@ def test_metrics_after_sessions(target):
         async def sessions():
             link = await open_link(v.url)
             ans = await Pipeline(TinyDrafter(perturbed(target, 1.0)), link, GenerateOptions(
-                max_new_tokens=10, block=4, stop_ids=NO_STOP)).run([1, 2, 3])
+                max_new_tokens=10, mode="sync", block=4, stop_ids=NO_STOP)).run([1, 2, 3])
             await asyncio.sleep(0.6)  # idle: evicted
             await link.close()
             flood = [codec.encode(codec.Draft(epoch=5, pos=0, ids=[1]))] * 40
@@ -94,7 +94,7 @@ def test_json_logs_carry_session_ids(target):
                 link = await open_link(v.url)
                 sid = link.welcome.session_id
                 await Pipeline(TinyDrafter(target), link, GenerateOptions(
-                    max_new_tokens=4, stop_ids=NO_STOP)).run([1, 2])
+                    max_new_tokens=4, mode="sync", stop_ids=NO_STOP)).run([1, 2])
                 await link.close()
                 await raw_session(v.url, [b"\x07junk"], hello=hello_frame())
                 return sid

@@ -55,18 +55,22 @@ async def _generate(url, drafter, prompt, options: GenerateOptions, link=None):
 
 def generate(url, drafter, prompt, **kw):
     kw.setdefault("stop_ids", (EOS,))
+    kw.setdefault("fill", False)  # the hard cases pin the draft/verify mechanics; fill is tested apart
     return asyncio.run(_generate(url, drafter, prompt, GenerateOptions(**kw)))
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.5, 3.0])
-@pytest.mark.parametrize("mode", ["pipeline", "sync"])
-def test_greedy_output_is_the_targets_whatever_the_draft(server, target, noise, mode):
+@pytest.mark.parametrize("mode,fill", [("pipeline", True), ("pipeline", False), ("sync", False)])
+def test_greedy_output_is_the_targets_whatever_the_draft(server, target, noise, mode, fill):
     drafter = TinyDrafter(perturbed(target, noise))
     for prompt in PROMPTS:
-        ans = generate(server.url, drafter, prompt, max_new_tokens=40, mode=mode, block=4)
+        ans = generate(server.url, drafter, prompt, max_new_tokens=40, mode=mode, block=4, fill=fill)
         assert ans.token_ids == reference(target, prompt, 40)
-        if noise == 0.0:  # a perfect draft is never rejected
-            assert ans.stats.rejected == 0 and ans.stats.accepted > 0
+        if noise == 0.0:  # a perfect draft is never rejected: every token accepted (or filled)
+            assert ans.stats.rejected == 0
+            assert ans.stats.accepted + ans.stats.filled + ans.stats.bonus >= len(ans.token_ids)
+        if not fill:
+            assert ans.stats.filled == 0
 
 
 @pytest.mark.parametrize("block", [1, 2, 7, 16])
@@ -98,6 +102,26 @@ def test_slow_edge_still_exact(server, target):
     drafter = TinyDrafter(perturbed(target, 1.0), step_delay_s=0.01)
     ans = generate(server.url, drafter, PROMPTS[2], max_new_tokens=24, block=3)
     assert ans.token_ids == reference(target, PROMPTS[2], 24)
+
+
+def test_cloud_fills_bubbles_with_its_own_tokens_and_stays_exact(target):
+    """A slow edge after each correction: the idle cloud commits target tokens of its own, the
+    edge keeps the drafts that match them, and the text is still the target's."""
+    engine = SlowEngine(target)
+    engine.delay_s = 0.05
+    with ServerThread(engine) as s:
+        drafter = TinyDrafter(perturbed(target, 0.5), step_delay_s=0.01)
+        ans = generate(s.url, drafter, PROMPTS[1], max_new_tokens=40, block=3, fill=True)
+        assert ans.token_ids == reference(target, PROMPTS[1], 40)
+        assert ans.stats.filled > 0 and ans.stats.accepted > 0
+
+
+def test_sampled_answers_with_bubble_filling_follow_the_target(server, target):
+    """Filled tokens are sampled from p by the cloud: the first-token distribution stays p."""
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=0)
+    emp, p = _empirical_first_two(server, target, "exact", params, 600, fill=True)
+    bound = 2 * 0.5 * np.sqrt(int((p > 0).sum()) / 600)
+    assert 0.5 * np.abs(emp - p).sum() < bound
 
 
 def test_jittery_link_still_exact(server, target):
@@ -170,7 +194,8 @@ def test_kv_cache_reused_across_turns(server, target):
 DRAFT_NOISE = 2.0
 
 
-def _empirical_first_two(server, target, variant: str, params: SamplingParams, rounds: int, top_k: int = 8):
+def _empirical_first_two(server, target, variant: str, params: SamplingParams, rounds: int, top_k: int = 8,
+                         fill: bool = False):
     drafter = TinyDrafter(perturbed(target, DRAFT_NOISE))
     prompt = PROMPTS[1]
 
@@ -184,7 +209,7 @@ def _empirical_first_two(server, target, variant: str, params: SamplingParams, r
         for i in range(rounds):
             opts = GenerateOptions(max_new_tokens=1, params=SamplingParams(
                 params.temperature, params.top_p, params.top_k, seed=i), variant=variant,
-                paper_top_k=top_k, block=2, stop_ids=())
+                paper_top_k=top_k, block=2, stop_ids=(), fill=fill)
             p = Pipeline(drafter, link, opts, epoch=epoch)
             ans = await p.run(prompt)
             epoch = p.epoch
