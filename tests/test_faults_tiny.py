@@ -254,3 +254,24 @@ def test_a_session_waiting_on_slow_passes_is_not_idle(target, expected):
     c = only(out)
     assert c["token_ids"] == expected[:8] and c["stats"]["reconnects"] == 0
     assert "picospec_evictions_total 0" in metrics.splitlines()
+
+
+def test_eviction_frees_the_sessions_kv_cache(target):
+    """The evicted session's cache is emptied at once, not when its objects are collected."""
+    import codec
+    from tests.tiny_edge import errors, hello_frame, raw_session
+
+    with Verifier(TargetEngine(target), ServerConfig(port=0, idle_timeout_s=0.4)) as v:
+        held = []
+
+        async def session():
+            task = asyncio.ensure_future(raw_session(v.url, [codec.encode(codec.Prompt(
+                ids=list(range(1, 40)), max_new_tokens=8))], hello=hello_frame(), wait_s=3))
+            while not v.server.sessions or not next(iter(v.server.sessions.values())).engine.cache_len:
+                await asyncio.sleep(0.01)
+            held.append(next(iter(v.server.sessions.values())))
+            return await task
+
+        got = asyncio.run(session())
+        assert errors(got) == ["idle_timeout"]
+        assert held[0].engine.cache_len == 0 and not v.server.sessions
