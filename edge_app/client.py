@@ -29,7 +29,8 @@ class EdgeConfig:
     cloud_threads: int | None = None  # local verifier's torch threads
     pin_cores: bool = True  # split this machine's cores between edge and local verifier
     n_ctx: int = 4096
-    reply_timeout_s: float = 60.0  # a verifier silent this long is treated as lost
+    reply_timeout_s: float = 180.0  # a verifier silent this long is treated as lost (a long
+    # prompt's prefill on a slow CPU verifier can take a minute)
     reconnect_s: float = 8.0  # how long to keep retrying a lost verifier before going edge-only
     edge_fallback: bool = True  # continue with the draft alone (labelled) while the cloud is away
     retry_interval_s: float = 5.0  # while edge-only, how often to look for the verifier again

@@ -438,7 +438,8 @@ class Pipeline:
         est = self.estimates
         self.stats.verify_s.append(msg.verify_s)
         est["t_verify"] = Ema(0.3, est.get("t_verify")).add(msg.verify_s)
-        if sent_at is not None:
+        # the first verdict of an answer also waited for the cloud's prefill: not a round trip
+        if sent_at is not None and self.stats.rounds > 0:
             est["t_rtt"] = Ema(0.3, est.get("t_rtt")).add(max(0.0, time.perf_counter() - sent_at - msg.verify_s))
         verified = self.stats.accepted + self.stats.rejected
         if verified >= 4:

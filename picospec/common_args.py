@@ -17,8 +17,8 @@ def add_edge_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ca-cert", default=None, help="PEM CA certificate to trust for a wss:// verifier "
                    "(e.g. its self-signed certificate)")
     f = p.add_argument_group("faults")
-    f.add_argument("--reply-timeout", type=float, default=60.0,
-                   help="seconds of verifier silence before the link counts as lost (default 60)")
+    f.add_argument("--reply-timeout", type=float, default=180.0,
+                   help="seconds of verifier silence before the link counts as lost (default 180)")
     f.add_argument("--reconnect-s", type=float, default=8.0,
                    help="seconds to keep reconnecting to a lost verifier before going edge-only (default 8)")
     f.add_argument("--no-edge-fallback", action="store_true",
