@@ -117,7 +117,8 @@ def test_unreachable_cloud_goes_edge_only_labelled_and_switches_back(target):
     v = Verifier(TargetEngine(target)).start()
     commits = Commits(at=10, fault=lambda: v.restart(0.9))
     try:
-        client = tiny_client(v.url, TinyDrafter(draft, step_delay_s=0.01), reconnect_s=0.3,
+        # edge-only drafting must outlast the 0.9 s restart: 50 tokens at >= 40 ms each
+        client = tiny_client(v.url, TinyDrafter(draft, step_delay_s=0.04), reconnect_s=0.3,
                              retry_interval_s=0.1, connect_timeout_s=1.0, reply_timeout_s=5)
         out = answer(client, commits, n=60, block=3)
     finally:
@@ -275,4 +276,8 @@ def test_eviction_frees_the_sessions_kv_cache(target):
 
         got = asyncio.run(session())
         assert errors(got) == ["idle_timeout"]
+        # the server's cleanup runs right after it sends the error: give it a moment
+        deadline = time.monotonic() + 3
+        while (held[0].engine.cache_len or v.server.sessions) and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert held[0].engine.cache_len == 0 and not v.server.sessions
