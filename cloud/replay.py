@@ -103,20 +103,25 @@ class TimedClient(EdgeClient):
         self.on_notice = self.notices.append
         self.round_trips: list[float] = []
         self._sent: dict[int, float] = {}
+        self._prefilling = False
 
     async def _session(self, options, fresh: bool = False, connect_timeout_s: float | None = None):
         link = await super()._session(options, fresh, connect_timeout_s)
         link.observer = self._observe
         self._sent.clear()  # a new session: its seq numbers are its own
+        self._prefilling = False
         return link
 
     def quiet(self) -> bool:
-        """No draft of this session waits for its verdict (read from the drafter's thread)."""
-        return not self._sent
+        """Nothing of this session waits on the verifier: no prompt being prefilled, no draft
+        waiting for its verdict (read from the drafter's thread)."""
+        return not self._sent and not self._prefilling
 
     def _observe(self, direction: str, msg) -> None:
         now = time.perf_counter()
         kind = type(msg).__name__
+        if kind in ("Prompt", "Prefilled"):
+            self._prefilling = direction == "up"
         if direction == "up" and kind == "Draft":
             self._sent[msg.seq] = now
         elif direction == "down" and kind == "Verdict":
