@@ -22,6 +22,7 @@ from typing import Callable
 import numpy as np
 
 import codec
+from edge_app.drafter import common_prefix_len
 from edge_app.link import CloudError, CloudLink
 from edge_app.meters import EdgeMeters
 from edge_app.policy import Ema, choose_plan
@@ -453,7 +454,7 @@ class Pipeline:
         target = self.committed
         with self.meters.phase("rollback"):
             keep = min(self.drafter.length, len(target) - 1)
-            keep = _common_prefix(self.drafter.tokens[:keep], target)
+            keep = common_prefix_len(self.drafter.tokens[:keep], target)
             await asyncio.get_running_loop().run_in_executor(None, self._rollback_and_feed, keep, target[keep:])
 
     def _rollback_and_feed(self, keep: int, ids: list[int]) -> None:
@@ -480,10 +481,3 @@ class Pipeline:
 def _point(token: int) -> SparseDist:
     return SparseDist(np.array([token], dtype=np.int64), np.array([1], dtype=np.int64))
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
