@@ -9,7 +9,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from transformers import DynamicCache
 
@@ -165,8 +164,3 @@ def greedy_reference(engine: TargetEngine, prompt: list[int], max_new_tokens: in
             break
         logits = engine.forward([token])[-1]
     return out, time.perf_counter() - t0
-
-
-def rows_to_numpy(logits: torch.Tensor) -> np.ndarray:
-    """float32 torch [k, V] -> float64 numpy [k, V] for the pure sampling math."""
-    return logits.double().numpy()

@@ -110,13 +110,6 @@ class VerifySession:
         self.passes = 0
 
     # -- the committed prefix ----------------------------------------------------------------
-    def set_prompt(self, ids: list[int], max_new_tokens: int) -> float:
-        """(Re)start from a committed context; keeps the cached common prefix. Returns seconds."""
-        t0 = time.perf_counter()
-        last = self.engine.prefill(self.begin_prompt(ids, max_new_tokens))
-        self.end_prompt(ids, max_new_tokens, last)
-        return time.perf_counter() - t0
-
     def begin_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Check a new context and roll the cache back to the common prefix; returns the ids still
         to prefill (the server feeds them chunk by chunk, so other sessions' passes interleave)."""
@@ -226,10 +219,13 @@ class VerifySession:
 
     def commit_fill(self) -> int:
         """Sample the next token from the target's own distribution and commit it."""
+        self.extended += 1
+        return self._commit_sampled()
+
+    def _commit_sampled(self) -> int:
         token = self._sample(self.pending_row)
         self.context.append(token)
         self.pending_row = None
-        self.extended += 1
         return token
 
     def take_block(self, max_block: int) -> Block | None:
@@ -342,12 +338,8 @@ class VerifySession:
     # -- cloud-only decoding -----------------------------------------------------------------
     def next_target_token(self) -> int:
         """Cloud-only mode: sample (or argmax) one target token and commit it."""
-        if self.pending_row is None:
-            self.pending_row = self.engine.forward(self.context[self.engine.cache_len:])[-1]
-        token = self._sample(self.pending_row)
-        self.context.append(token)
-        self.pending_row = None
-        return token
+        self.prepare_fill()
+        return self._commit_sampled()
 
 
 def _entries(block: Block) -> int:

@@ -25,7 +25,7 @@ import codec
 from edge_app.drafter import common_prefix_len
 from edge_app.link import CloudError, CloudLink
 from edge_app.meters import EdgeMeters
-from edge_app.policy import Ema, choose_plan
+from edge_app.policy import choose_plan, ema
 from sampling import SamplingParams, SparseDist, draft_dist, recover_from_top_k, sample_sparse
 
 MODES = ("pipeline", "sync", "cloud", "edge")
@@ -438,10 +438,10 @@ class Pipeline:
         sent_at = self.send_times.pop(msg.seq, None)
         est = self.estimates
         self.stats.verify_s.append(msg.verify_s)
-        est["t_verify"] = Ema(0.3, est.get("t_verify")).add(msg.verify_s)
+        est["t_verify"] = ema(est.get("t_verify"), msg.verify_s, 0.3)
         # the first verdict of an answer also waited for the cloud's prefill: not a round trip
         if sent_at is not None and self.stats.rounds > 0:
-            est["t_rtt"] = Ema(0.3, est.get("t_rtt")).add(max(0.0, time.perf_counter() - sent_at - msg.verify_s))
+            est["t_rtt"] = ema(est.get("t_rtt"), max(0.0, time.perf_counter() - sent_at - msg.verify_s), 0.3)
         verified = self.stats.accepted + self.stats.rejected
         if verified >= 4:
             est["a"] = self.stats.accepted / verified
@@ -474,7 +474,7 @@ class Pipeline:
         with self.meters.phase(phase):
             result = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
         if phase == "draft":
-            self.estimates["t_draft"] = Ema(0.2, self.estimates.get("t_draft")).add(time.perf_counter() - t0)
+            self.estimates["t_draft"] = ema(self.estimates.get("t_draft"), time.perf_counter() - t0, 0.2)
         return result
 
 

@@ -70,15 +70,6 @@ def choose_plan(a: float, t_draft: float, t_rtt: float, t_verify: float,
     return best
 
 
-class Ema:
+def ema(previous: float | None, x: float, alpha: float) -> float:
     """Exponential moving average that starts at its first sample."""
-
-    def __init__(self, alpha: float = 0.2, initial: float | None = None):
-        self.alpha = alpha
-        self.value = initial
-        self.count = 0
-
-    def add(self, x: float) -> float:
-        self.count += 1
-        self.value = x if self.value is None else (1 - self.alpha) * self.value + self.alpha * x
-        return self.value
+    return x if previous is None else (1 - alpha) * previous + alpha * x
