@@ -23,7 +23,7 @@ import torch
 from sampling import (
     SamplingParams,
     SparseDist,
-    Verdict as MathVerdict,
+    Outcome,
     sample_dense,
     target_probs,
     top_k_sparse,
@@ -299,9 +299,9 @@ class VerifySession:
                               time.perf_counter() - t0)
         return PassResult(k, None, "", None, None, next_row, committed_before + k, time.perf_counter() - t0)
 
-    def _decide(self, target_rows: list[torch.Tensor], block: Block) -> MathVerdict:
+    def _decide(self, target_rows: list[torch.Tensor], block: Block) -> Outcome:
         if not block.ids:
-            return MathVerdict(0, None)
+            return Outcome(0, None)
         if self.params.greedy:
             argmax = [int(torch.argmax(r)) for r in target_rows]
             return verify_block_greedy(block.ids, argmax)
@@ -309,8 +309,8 @@ class VerifySession:
         if self.variant == "paper":
             for j, (x, qx, p) in enumerate(zip(block.ids, block.q_scalar, probs)):
                 if not verify_token(x, qx, p, self.rng):
-                    return MathVerdict(j, None)
-            return MathVerdict(len(block.ids), None)
+                    return Outcome(j, None)
+            return Outcome(len(block.ids), None)
         return verify_block(block.ids, block.dists, probs, self.rng)
 
     def _sample(self, logits: torch.Tensor) -> int:

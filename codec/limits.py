@@ -5,8 +5,9 @@ session needs, and every one of them is checked before the memory it guards is s
 """
 from __future__ import annotations
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
+# 2: VerdictKind names, Tokens.epoch, no Draft.flush
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
 
 # Bytes of one frame as it arrives, and of the msgpack body after inflating it. The largest real
 # message is a 64-token sampled Draft with wide supports: each weight is >= 1 out of

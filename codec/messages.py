@@ -14,6 +14,7 @@ Unknown keys are refused: a new field is a new protocol version.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
@@ -34,7 +35,30 @@ from codec.limits import (
 from sampling import SparseDist
 
 VARIANTS = ("exact", "paper")
-VERDICT_KINDS = ("", "recovered", "bonus", "rejected")
+
+
+class VerdictKind(str, enum.Enum):
+    """What a Verdict says beyond the accepted count.
+
+    ACCEPTED: the block was accepted whole; no token (the last row verifies the next block).
+    RECOVERED: rejected at position `accepted`; `token` is the recovered token the cloud sampled.
+    BONUS: accepted whole and the edge is waiting; `token` is the bonus token.
+    RECOVER_ON_EDGE: the paper variant's rejection; the edge samples the recovered token from
+    norm(max(0, p - q)) with p the top-K in `top_ids` / `top_probs`.
+    """
+
+    ACCEPTED = "accepted"
+    RECOVERED = "recovered"
+    BONUS = "bonus"
+    RECOVER_ON_EDGE = "recover_on_edge"
+
+    @property
+    def corrects(self) -> bool:
+        """True when the verdict commits a token the edge did not draft: every later draft is stale."""
+        return self is not VerdictKind.ACCEPTED
+
+
+VERDICT_KINDS = tuple(k.value for k in VerdictKind)
 
 
 @dataclass(frozen=True)
@@ -75,7 +99,7 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Prefilled:
-    """Cloud -> edge: the committed context is in the cache; rounds of `epoch` may start."""
+    """Cloud -> edge: the committed context is in the cache; the edge drafts in `epoch` from now on."""
 
     committed_len: int
     epoch: int
@@ -84,12 +108,13 @@ class Prefilled:
 
 @dataclass(frozen=True)
 class Draft:
-    """Edge -> cloud: one round's drafted ids, ids[0] at absolute position pos.
+    """Edge -> cloud: one round's drafted ids; pos is the absolute position of ids[0] (a forced
+    id, when there is one, comes first and is ids[0]).
 
     dists: [len(ids)] what each id was sampled from (exact variant, sampling), each holding its
     id; q_scalar: [len(ids)] q(id) in (0, 1] (paper variant); greedy sends neither. A forced id
     counts too (a point mass, or 1.0). forced: how many leading ids are already decided (0 or 1).
-    flush: verify now, no more coming. wait: see below (last, so the positional order stays).
+    wait: see below (last, so the positional order stays).
     """
 
     epoch: int
@@ -98,27 +123,32 @@ class Draft:
     dists: list[SparseDist] | None = None
     q_scalar: list[float] | None = None
     forced: int = 0
-    flush: bool = False
     seq: int = 0
     wait: bool = False  # the edge has stopped drafting: a block accepted whole earns a bonus token
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """Cloud -> edge: the outcome of a Draft. accepted: drafted ids kept; token: the recovered or
-    bonus token (kind says which), None when kind is "" or "rejected"; new_epoch: the epoch
-    the next Draft must carry. top_ids / top_probs: the target's top-K (paper variant)."""
+    """Cloud -> edge: the outcome of a Draft. epoch / pos / seq: those of the block it answers
+    (pos: the first drafted, non-forced id); accepted: drafted ids kept; token: the recovered or
+    bonus token (kind says which), None for ACCEPTED and RECOVER_ON_EDGE; new_epoch: the epoch
+    the edge drafts in from now on. top_ids / top_probs: the target's top-K (paper variant)."""
 
     epoch: int
     pos: int
     accepted: int
     token: int | None
-    kind: str
+    kind: VerdictKind
     new_epoch: int
     verify_s: float = 0.0
     top_ids: list[int] | None = None
     top_probs: list[float] | None = None
     seq: int = 0
+
+    def __post_init__(self) -> None:
+        # a kind outside the enum is left as it is, for encode to refuse with a CodecError
+        if isinstance(self.kind, str) and self.kind in VERDICT_KINDS:
+            object.__setattr__(self, "kind", VerdictKind(self.kind))
 
 
 @dataclass(frozen=True)
@@ -130,11 +160,15 @@ class Generate:
 
 @dataclass(frozen=True)
 class Tokens:
-    """Cloud -> edge: generated ids, ids[0] at absolute position pos; done on the last one."""
+    """Cloud -> edge: target tokens the cloud committed itself, ids[0] at absolute position pos;
+    done on the last one. Cloud-only answers stream this way; in the pipeline they are filled
+    tokens (the cloud's own while it waits for fresh drafts). epoch: the epoch the edge drafts
+    in from now on (a filled token that contradicts drafts already sent makes them stale)."""
 
     pos: int
     ids: list[int]
     done: bool
+    epoch: int = 0
 
 
 @dataclass(frozen=True)
@@ -176,7 +210,7 @@ def _check_draft(m: Draft, vocab_size: int | None) -> None:
 
 
 def _check_verdict(m: Verdict, vocab_size: int | None) -> None:
-    has_token = m.kind in ("recovered", "bonus")
+    has_token = m.kind in (VerdictKind.RECOVERED, VerdictKind.BONUS)
     if has_token != (m.token is not None):
         raise bad_message(
             "Verdict.token", f"kind {m.kind!r} {'needs' if has_token else 'takes no'} token"
@@ -244,7 +278,7 @@ _SCHEMAS = (
             epoch=("e", F.uint()), pos=("p", F.uint()), ids=("i", F.id_list(MAX_BLOCK)),
             dists=("d", F.dist_list(MAX_BLOCK)),
             q_scalar=("q", F.prob_list(MAX_BLOCK, lo_open=True)),
-            forced=("f", F.uint(1)), flush=("x", F.flag()), seq=("s", F.uint()),
+            forced=("f", F.uint(1)), seq=("s", F.uint()),
             wait=("w", F.flag())),
     _schema(Verdict, 6, _check_verdict,
             epoch=("e", F.uint()), pos=("p", F.uint()), accepted=("a", F.uint(MAX_BLOCK)),
@@ -254,7 +288,8 @@ _SCHEMAS = (
             top_probs=("tp", F.prob_list(MAX_TOP_K, lo_open=False)), seq=("s", F.uint())),
     _schema(Generate, 7, _no_check, max_new_tokens=("n", F.uint())),
     _schema(Tokens, 8, _no_check,
-            pos=("p", F.uint()), ids=("i", F.id_list(MAX_PROMPT)), done=("z", F.flag())),
+            pos=("p", F.uint()), ids=("i", F.id_list(MAX_PROMPT)), done=("z", F.flag()),
+            epoch=("e", F.uint())),
     _schema(Error, 9, _no_check, code=("c", F.text(64)), message=("m", F.text(MAX_STR))),
     _schema(Close, 10, _no_check, reason=("r", F.text(1024))),
 )
@@ -336,6 +371,6 @@ def error_message(exc: CodecError) -> Error:
 
 __all__ = [
     "Close", "Draft", "Error", "Generate", "Hello", "MESSAGE_TYPES", "Message", "Prefilled",
-    "Prompt", "Tokens", "VARIANTS", "VERDICT_KINDS", "Verdict", "Welcome", "decode",
+    "Prompt", "Tokens", "VARIANTS", "VERDICT_KINDS", "Verdict", "VerdictKind", "Welcome", "decode",
     "draft_bytes", "encode", "error_message",
 ]

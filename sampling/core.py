@@ -79,7 +79,7 @@ class SparseDist:
 
 
 @dataclass(frozen=True)
-class Verdict:
+class Outcome:
     """The outcome of verifying one block.
 
     accepted: how many drafted tokens were kept (a prefix of the block).
@@ -224,7 +224,7 @@ def verify_block(
     draft_dists: list[SparseDist],
     target_rows: list[np.ndarray],
     rng: np.random.Generator,
-) -> Verdict:
+) -> Outcome:
     """The exact accept / recover rule over one block.
 
     drafted: [k] token ids; draft_dists: [k] distributions they were sampled from;
@@ -233,19 +233,19 @@ def verify_block(
     """
     for j, (token, q, p) in enumerate(zip(drafted, draft_dists, target_rows)):
         if not verify_token(token, q.prob(token), p, rng):
-            return Verdict(accepted=j, recovered=sample_dense(residual_probs(p, q), rng))
-    return Verdict(accepted=len(drafted), recovered=None)
+            return Outcome(accepted=j, recovered=sample_dense(residual_probs(p, q), rng))
+    return Outcome(accepted=len(drafted), recovered=None)
 
 
-def verify_block_greedy(drafted: list[int], target_argmax: list[int]) -> Verdict:
+def verify_block_greedy(drafted: list[int], target_argmax: list[int]) -> Outcome:
     """Greedy verification: accept while the drafted token is the target's argmax.
 
     drafted: [k]; target_argmax: [k] argmax of the target logits at the same positions.
     """
     for j, (token, best) in enumerate(zip(drafted, target_argmax)):
         if token != best:
-            return Verdict(accepted=j, recovered=int(best))
-    return Verdict(accepted=len(drafted), recovered=None)
+            return Outcome(accepted=j, recovered=int(best))
+    return Outcome(accepted=len(drafted), recovered=None)
 
 
 def top_k_sparse(p: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -325,4 +325,4 @@ class HostileEdge:
         m = await self.reply()
         if isinstance(m, codec.Verdict):
             self.committed += ids[:forced] + ids[forced:][:m.accepted] + ([m.token] if m.token is not None else [])
-            self.epoch, self.awaiting_forced = m.new_epoch, m.kind == "rejected"
+            self.epoch, self.awaiting_forced = m.new_epoch, m.kind == "recover_on_edge"

@@ -76,14 +76,14 @@ def draft(ids, **kw) -> Draft:
     return Draft(epoch=0, pos=0, ids=ids, **kw)
 
 
-def verdict(token=None, kind="", **kw) -> Verdict:
+def verdict(token=None, kind="accepted", **kw) -> Verdict:
     return Verdict(**{"epoch": 0, "pos": 0, "accepted": 0, "new_epoch": 0, **kw},
                    token=token, kind=kind)
 
 
 def wire_draft(**fields) -> bytes:
     """A hand-made Draft frame with one drafted id (4) unless fields say otherwise."""
-    return raw({"v": 1, "t": 5, "e": 0, "p": 0, "i": pack_varints(np.array([4])), **fields})
+    return raw({"v": PROTOCOL_VERSION, "t": 5, "e": 0, "p": 0, "i": pack_varints(np.array([4])), **fields})
 
 
 # ---- strategies ---------------------------------------------------------------------------
@@ -135,14 +135,14 @@ def drafts(draw) -> Draft:
         q_scalar = draw(st.lists(st.floats(0.0, 1.0, exclude_min=True), min_size=n, max_size=n))
     return Draft(
         epoch=draw(counters), pos=draw(counters), ids=ids, dists=dists, q_scalar=q_scalar,
-        forced=draw(st.integers(0, min(1, n))), flush=draw(st.booleans()), seq=draw(counters),
+        forced=draw(st.integers(0, min(1, n))), seq=draw(counters),
         wait=draw(st.booleans()),
     )
 
 
 @st.composite
 def verdicts(draw) -> Verdict:
-    kind = draw(st.sampled_from(["", "recovered", "bonus", "rejected"]))
+    kind = draw(st.sampled_from(["accepted", "recovered", "bonus", "recover_on_edge"]))
     token = draw(token_ids) if kind in ("recovered", "bonus") else None
     top_ids = top_probs = None
     if draw(st.booleans()):
@@ -308,7 +308,7 @@ msgpack_values = st.recursive(
 @settings(BOUNDED, max_examples=100)
 @given(msgpack_values)
 def test_arbitrary_msgpack_raises_only_codec_error(body):
-    _decode_or_codec_error(raw({"v": 1, "t": 5, "i": body}))
+    _decode_or_codec_error(raw({"v": PROTOCOL_VERSION, "t": 5, "i": body}))
     _decode_or_codec_error(raw(body))
 
 
@@ -402,7 +402,7 @@ def test_oversized_messages_fail_at_the_sender():
 
 
 def test_unknown_frame_tag_and_short_frames():
-    refused(b"\x05" + msgpack.packb({"v": 1, "t": 7, "n": 1}), "bad_frame")
+    refused(b"\x05" + msgpack.packb({"v": PROTOCOL_VERSION, "t": 7, "n": 1}), "bad_frame")
     refused(b"", "bad_frame")
     refused(b"\x00", "bad_frame")
     refused(b"\x01\x00\x00\x00\x00\x00", "bad_frame")  # zstd tag, no zstd magic
@@ -418,13 +418,14 @@ def test_ext_types_and_deep_nesting_are_refused():
 
 def test_wrong_version_says_which_versions_are_spoken():
     err = refused(raw({"v": 7, "t": 7, "n": 1}), "bad_version")
-    assert err.message == "protocol version 7 not supported; this side speaks 1"
-    assert str(err) == "bad_version: protocol version 7 not supported; this side speaks 1"
-    assert "speaks 1" in refused(raw({"t": 7, "n": 1}), "bad_version").message
+    assert err.message == "protocol version 7 not supported; this side speaks 2"
+    assert str(err) == "bad_version: protocol version 7 not supported; this side speaks 2"
+    assert "speaks 2" in refused(raw({"t": 7, "n": 1}), "bad_version").message
     refused(raw({"v": True, "t": 7, "n": 1}), "bad_version")
-    refused(raw({"v": "1", "t": 7, "n": 1}), "bad_version")
+    refused(raw({"v": "2", "t": 7, "n": 1}), "bad_version")
+    refused(raw({"v": 1, "t": 7, "n": 1}), "bad_version")  # version 1 had other verdict kinds
     # the version is read before the type: a newer peer's new message types say "version"
-    refused(raw({"v": 2, "t": 99}), "bad_version")
+    refused(raw({"v": PROTOCOL_VERSION + 1, "t": 99}), "bad_version")
 
 
 def test_error_message_carries_a_codec_error_to_the_peer():
@@ -437,14 +438,14 @@ def test_error_message_carries_a_codec_error_to_the_peer():
 
 
 def test_unknown_type_missing_and_unknown_fields():
-    assert "type 99" in refused(raw({"v": 1, "t": 99}), "bad_message").message
-    refused(raw({"v": 1, "t": True, "n": 1}), "bad_message")
-    refused(raw({"v": 1}), "bad_message")
+    assert "type 99" in refused(raw({"v": PROTOCOL_VERSION, "t": 99}), "bad_message").message
+    refused(raw({"v": PROTOCOL_VERSION, "t": True, "n": 1}), "bad_message")
+    refused(raw({"v": PROTOCOL_VERSION}), "bad_message")
     refused(raw([1, 7, 1]), "bad_message")  # a message is a map
-    assert "missing" in refused(raw({"v": 1, "t": 7}), "bad_message").message
-    assert "unknown" in refused(raw({"v": 1, "t": 7, "n": 1, "zz": 0}), "bad_message").message
-    assert decode(raw({"v": 1, "t": 7, "n": 1})) == Generate(1)
-    assert decode(raw({"v": 1, "t": 7, "n": 1}, tag=1)) == Generate(1)
+    assert "missing" in refused(raw({"v": PROTOCOL_VERSION, "t": 7}), "bad_message").message
+    assert "unknown" in refused(raw({"v": PROTOCOL_VERSION, "t": 7, "n": 1, "zz": 0}), "bad_message").message
+    assert decode(raw({"v": PROTOCOL_VERSION, "t": 7, "n": 1})) == Generate(1)
+    assert decode(raw({"v": PROTOCOL_VERSION, "t": 7, "n": 1}, tag=1)) == Generate(1)
 
 
 def test_out_of_range_ids_are_refused():
@@ -454,7 +455,7 @@ def test_out_of_range_ids_are_refused():
         Prompt(ids=[1, 2, 5000], max_new_tokens=1),
         Tokens(pos=0, ids=[5000], done=True),
         verdict(token=1000, kind="recovered"),
-        verdict(kind="rejected", top_ids=[3, 4000], top_probs=[0.5, 0.5]),
+        verdict(kind="recover_on_edge", top_ids=[3, 4000], top_probs=[0.5, 0.5]),
     ):
         decode(encode(msg))  # fine without a vocabulary ...
         refused(encode(msg), "bad_message", vocab_size=1000)  # ... not with one of 1000
@@ -510,7 +511,6 @@ def test_bools_and_floats_do_not_pass_as_ints():
         Draft(epoch=True, pos=0, ids=[1]),
         Draft(epoch=0, pos=1.0, ids=[1]),
         draft([1], forced=True),
-        draft([1], flush=1),
         draft([1], wait=0),
         Generate(max_new_tokens=False),
         Tokens(pos=0, ids=[1], done=0),
@@ -519,18 +519,18 @@ def test_bools_and_floats_do_not_pass_as_ints():
     wrong = (("e", True), ("p", 2.0), ("p", -1), ("p", 2**64 - 1), ("x", 1), ("s", None))
     for field, value in wrong:
         refused(wire_draft(**{field: value}), "bad_message")
-    refused(raw({"v": 1, "t": 8, "p": 0, "i": b"", "z": 1}), "bad_message")
+    refused(raw({"v": PROTOCOL_VERSION, "t": 8, "p": 0, "i": b"", "z": 1}), "bad_message")
 
 
 def test_floats_must_be_finite_and_in_range():
     unsendable(
         *(Prefilled(committed_len=1, epoch=0, prefill_s=x) for x in (math.nan, math.inf, -1.0)),
         *(draft([4], q_scalar=[x]) for x in (0.0, 1.5, math.nan)),
-        verdict(kind="rejected", top_ids=[1], top_probs=[-0.1]),
+        verdict(kind="recover_on_edge", top_ids=[1], top_probs=[-0.1]),
     )
     refused(wire_draft(q=pack_floats(np.array([math.inf]))), "bad_message")
     refused(wire_draft(q=b"\x00" * 7), "bad_message")
-    refused(raw({"v": 1, "t": 4, "c": 0, "e": 0, "ps": math.nan}), "bad_message")
+    refused(raw({"v": PROTOCOL_VERSION, "t": 4, "c": 0, "e": 0, "ps": math.nan}), "bad_message")
 
 
 def test_handshake_dicts_are_checked():
@@ -555,8 +555,8 @@ def test_handshake_dicts_are_checked():
 
 def test_overlong_strings_are_refused_on_both_sides():
     unsendable(Close(reason="x" * 2000), Error(code="x" * 65, message=""))
-    refused(raw({"v": 1, "t": 10, "r": "x" * 2000}), "bad_message")
-    refused(raw({"v": 1, "t": 10, "r": "x" * 100_000}), "bad_frame")  # over msgpack's own cap
+    refused(raw({"v": PROTOCOL_VERSION, "t": 10, "r": "x" * 2000}), "bad_message")
+    refused(raw({"v": PROTOCOL_VERSION, "t": 10, "r": "x" * 100_000}), "bad_frame")  # over msgpack's own cap
 
 
 def test_codec_error_is_readable():

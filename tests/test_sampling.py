@@ -29,7 +29,7 @@ from sampling.core import (  # noqa: E402
     DRAFT_RESOLUTION,
     SamplingParams,
     SparseDist,
-    Verdict,
+    Outcome,
     draft_dist,
     recover_from_top_k,
     residual_probs,
@@ -143,20 +143,20 @@ def test_greedy_draft_dist_is_single_token_argmax():
 
 
 def test_greedy_verify_accepts_prefix_and_recovers_target_argmax_at_first_mismatch():
-    assert verify_block_greedy([4, 7, 1, 9], [4, 7, 2, 9]) == Verdict(accepted=2, recovered=2)
+    assert verify_block_greedy([4, 7, 1, 9], [4, 7, 2, 9]) == Outcome(accepted=2, recovered=2)
 
 
 def test_greedy_verify_rejects_first_token():
-    assert verify_block_greedy([5, 7], [3, 7]) == Verdict(accepted=0, recovered=3)
+    assert verify_block_greedy([5, 7], [3, 7]) == Outcome(accepted=0, recovered=3)
 
 
 def test_greedy_verify_whole_block_accepted_has_no_recovered_token():
-    assert verify_block_greedy([4, 7, 1], [4, 7, 1]) == Verdict(accepted=3, recovered=None)
+    assert verify_block_greedy([4, 7, 1], [4, 7, 1]) == Outcome(accepted=3, recovered=None)
 
 
 def test_greedy_verify_empty_block():
-    assert verify_block_greedy([], []) == Verdict(accepted=0, recovered=None)
-    assert verify_block([], [], [], np.random.default_rng(0)) == Verdict(0, None)
+    assert verify_block_greedy([], []) == Outcome(accepted=0, recovered=None)
+    assert verify_block([], [], [], np.random.default_rng(0)) == Outcome(0, None)
 
 
 def test_sampled_path_at_temperature_zero_agrees_with_greedy_verify():
@@ -180,7 +180,7 @@ def test_drafted_token_with_zero_target_prob_is_rejected_and_target_token_recove
     p = one_hot(6, 2)
     q = sparse([5], [1])
     for seed in range(50):
-        assert verify_block([5], [q], [p], np.random.default_rng(seed)) == Verdict(0, 2)
+        assert verify_block([5], [q], [p], np.random.default_rng(seed)) == Outcome(0, 2)
 
 
 def test_block_accepts_prefix_then_recovers_from_residual_with_certainty():
@@ -189,19 +189,19 @@ def test_block_accepts_prefix_then_recovers_from_residual_with_certainty():
     qs = [sparse([1], [3]), sparse([4], [7]), sparse([3], [1])]
     for seed in range(50):
         got = verify_block([1, 4, 3], qs, p_rows, np.random.default_rng(seed))
-        assert got == Verdict(accepted=2, recovered=0)
+        assert got == Outcome(accepted=2, recovered=0)
 
 
 def test_first_token_rejected_stops_the_block():
     p_rows = [one_hot(4, 0), one_hot(4, 2)]
     qs = [sparse([3], [1]), sparse([2], [1])]
-    assert verify_block([3, 2], qs, p_rows, np.random.default_rng(0)) == Verdict(0, 0)
+    assert verify_block([3, 2], qs, p_rows, np.random.default_rng(0)) == Outcome(0, 0)
 
 
 def test_whole_block_accepted_gives_recovered_none():
     p_rows = [one_hot(5, 3), one_hot(5, 1), one_hot(5, 4)]
     qs = [sparse([3], [1]), sparse([1], [9]), sparse([4], [2])]
-    assert verify_block([3, 1, 4], qs, p_rows, np.random.default_rng(0)) == Verdict(3, None)
+    assert verify_block([3, 1, 4], qs, p_rows, np.random.default_rng(0)) == Outcome(3, None)
 
 
 def test_block_is_always_accepted_when_p_equals_q():
@@ -213,7 +213,7 @@ def test_block_is_always_accepted_when_p_equals_q():
             qs.append(q)
             ps.append(q.dense(10))
             drafted.append(sample_sparse(q, rng))
-        assert verify_block(drafted, qs, ps, np.random.default_rng(seed)) == Verdict(4, None)
+        assert verify_block(drafted, qs, ps, np.random.default_rng(seed)) == Outcome(4, None)
 
 
 def test_token_where_p_exceeds_q_is_always_accepted():

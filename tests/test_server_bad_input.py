@@ -81,7 +81,7 @@ CASES = {
     "zstd bomb (stated size)": ([zstd_bomb(64 << 20)], "too_large"),
     "zstd bomb (streamed)": ([streamed_bomb(64 << 20)], "too_large"),
     "wrong version": ([body_frame({"v": 99, "t": 7, "n": 1})], "bad_version"),
-    "unknown message type": ([body_frame({"v": 1, "t": 77})], "bad_message"),
+    "unknown message type": ([body_frame({"v": codec.PROTOCOL_VERSION, "t": 77})], "bad_message"),
     "msgpack ext type": ([b"\x00" + msgpack.packb(msgpack.ExtType(1, b"x" * 8))], "bad_frame"),
     "out-of-range prompt id": ([codec.encode(codec.Prompt(ids=[1, 2, 64], max_new_tokens=4))], "bad_message"),
     "out-of-range draft id": ([PROMPT, codec.encode(codec.Draft(epoch=1, pos=3, ids=[5, 999]))], "bad_message"),
