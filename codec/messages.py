@@ -99,11 +99,17 @@ class Prompt:
 
 @dataclass(frozen=True)
 class Prefilled:
-    """Cloud -> edge: the committed context is in the cache; the edge drafts in `epoch` from now on."""
+    """Cloud -> edge: the committed context is in the cache; the edge drafts in `epoch` from now on.
+
+    token: the answer's first token, sampled by the cloud from the prefill's last row and already
+    committed (committed_len counts it); None when the Prompt asked for no new tokens. The edge
+    drafts after it, so the first token costs one prefill, never a verify pass.
+    """
 
     committed_len: int
     epoch: int
     prefill_s: float
+    token: int | None = None
 
 
 @dataclass(frozen=True)
@@ -129,8 +135,8 @@ class Draft:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Cloud -> edge: the outcome of a Draft. epoch / pos / seq: those of the block it answers
-    (pos: the first drafted, non-forced id); accepted: drafted ids kept; token: the recovered or
+    """Cloud -> edge: the outcome of a Draft. epoch / pos / seq: those of the (merged) block it
+    answers (pos as in Draft: the position of the block's first id, a forced one included); accepted: drafted ids kept; token: the recovered or
     bonus token (kind says which), None for ACCEPTED and RECOVER_ON_EDGE; new_epoch: the epoch
     the edge drafts in from now on. top_ids / top_probs: the target's top-K (paper variant)."""
 
@@ -153,7 +159,8 @@ class Verdict:
 
 @dataclass(frozen=True)
 class Generate:
-    """Edge -> cloud: generate up to max_new_tokens with the target alone."""
+    """Edge -> cloud: continue the answer with the target alone, up to max_new_tokens more, never
+    past the Prompt's max_new_tokens (the token in Prefilled counts)."""
 
     max_new_tokens: int
 
@@ -273,7 +280,8 @@ _SCHEMAS = (
     _schema(Prompt, 3, _no_check,
             ids=("i", F.id_list(MAX_PROMPT)), max_new_tokens=("n", F.uint()), fill=("fl", F.flag())),
     _schema(Prefilled, 4, _no_check,
-            committed_len=("c", F.uint()), epoch=("e", F.uint()), prefill_s=("ps", F.seconds())),
+            committed_len=("c", F.uint()), epoch=("e", F.uint()), prefill_s=("ps", F.seconds()),
+            token=("o", F.token_id(nullable=True))),
     _schema(Draft, 5, _check_draft,
             epoch=("e", F.uint()), pos=("p", F.uint()), ids=("i", F.id_list(MAX_BLOCK)),
             dists=("d", F.dist_list(MAX_BLOCK)),
