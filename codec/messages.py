@@ -150,6 +150,7 @@ class Verdict:
     top_ids: list[int] | None = None
     top_probs: list[float] | None = None
     seq: int = 0
+    fed: int = 0  # tokens the verify pass fed (its size k: the edge learns T(k) from verify_s)
 
     def __post_init__(self) -> None:
         # a kind outside the enum is left as it is, for encode to refuse with a CodecError
@@ -293,7 +294,8 @@ _SCHEMAS = (
             token=("o", F.token_id(nullable=True)), kind=("k", F.choice(VERDICT_KINDS)),
             new_epoch=("n", F.uint()), verify_s=("vs", F.seconds()),
             top_ids=("ti", F.id_list(MAX_TOP_K, nullable=True)),
-            top_probs=("tp", F.prob_list(MAX_TOP_K, lo_open=False)), seq=("s", F.uint())),
+            top_probs=("tp", F.prob_list(MAX_TOP_K, lo_open=False)), seq=("s", F.uint()),
+            fed=("fd", F.uint(MAX_PROMPT + MAX_BLOCK))),
     _schema(Generate, 7, _no_check, max_new_tokens=("n", F.uint())),
     _schema(Tokens, 8, _no_check,
             pos=("p", F.uint()), ids=("i", F.id_list(MAX_PROMPT)), done=("z", F.flag()),
