@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from picospec.common_args import add_edge_arguments
+from edge_app.args import add_edge_arguments
 
 
 def _floats(text: str) -> list[float]:

@@ -14,8 +14,9 @@ import sys
 from dataclasses import replace
 
 from edge_app.repl import drop_session, start_client
+from edge_app.args import add_edge_arguments, edge_config_kwargs
+from edge_app.stats import merge_stats
 from edge_app.terminal import DIM, RESET, StreamView, fancy_terminal
-from picospec.common_args import add_edge_arguments
 
 # short answers, so that both fit in the default 64 tokens; the second needs the first
 CONVERSATION = (
@@ -86,12 +87,10 @@ def format_table(rows: list[tuple[str, str, str]], heads=("", "pipeline", "cloud
 async def demo(args) -> int:
     from edge_app.client import EdgeClient, EdgeConfig
     from edge_app.pipeline import GenerateOptions
-    from picospec.api import merge_stats
-    from picospec.common_args import picospec_kwargs
 
     ansi = fancy_terminal(sys.stdin, sys.stdout, os.environ)
     say = lambda text="", dim=False: print(f"{DIM}{text}{RESET}" if dim and ansi else text, flush=True)  # noqa: E731
-    client = EdgeClient(EdgeConfig(**picospec_kwargs(args)))
+    client = EdgeClient(EdgeConfig(**edge_config_kwargs(args)))
     say("PicoSpec demo: starting the draft on this device and a local verifier process (the cloud) ...", dim=True)
     try:
         await start_client(client)

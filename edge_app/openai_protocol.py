@@ -132,13 +132,3 @@ def parse_request(body, chat: bool, defaults) -> Request:
         include_usage=bool(isinstance(options, dict) and options.get("include_usage")), mode=mode,
     )
 
-
-def find_stop(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the earliest stop string starts in text, if any."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else None
-
-
-def holdback(text: str, stops: tuple[str, ...]) -> int:
-    """How many characters at the end of text could be the start of a stop string (not sent yet)."""
-    return max((k for s in stops for k in range(len(s) - 1, 0, -1) if text.endswith(s[:k])), default=0)

@@ -28,9 +28,11 @@ from dataclasses import dataclass, replace
 
 from aiohttp import web
 
-from edge_app.openai_protocol import Request, RequestError, find_stop, holdback, parse_request
+from edge_app.args import add_edge_arguments, add_sampling_arguments, edge_config_kwargs, generate_options
+from edge_app.openai_protocol import Request, RequestError, parse_request
 from edge_app.repl import drop_session, start_client
-from picospec.common_args import add_edge_arguments, add_sampling_arguments
+from edge_app.stats import merge_stats
+from edge_app.textstream import TextStream
 
 log = logging.getLogger("picospec.edge_serve")
 
@@ -59,12 +61,18 @@ class StopWatcher:
     """The on_commit callback of one completion: emits safe text deltas, cuts at a stop string."""
 
     def __init__(self, decode, stop_ids, stops: tuple[str, ...], emit=None):
-        self.decode, self.stop_ids, self.stops, self.emit = decode, set(stop_ids), stops, emit
-        self.ids: list[int] = []
-        self.text, self.sent = "", 0
-        self.stopped = False
+        self.stream = TextStream(decode, stops)
+        self.stop_ids, self.emit = set(stop_ids), emit
         self.task: asyncio.Task | None = None
         self.first_s: float | None = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.stream.stopped
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
 
     def __call__(self, new_ids: list[int], speculative: list[int]) -> None:
         if self.stopped:
@@ -72,15 +80,7 @@ class StopWatcher:
             return
         if self.first_s is None and new_ids:
             self.first_s = time.perf_counter()
-        self.ids += new_ids
-        text = self.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return
-        cut = find_stop(text, self.stops)
-        if cut is not None:
-            text, self.stopped = text[:cut], True
-        self.text = text
-        self._send(len(text) if self.stopped else len(text) - holdback(text, self.stops))
+        self._send(self.stream.feed(new_ids))
         if self.stopped:
             self._cancel()  # enough: the rest of the answer would be cut anyway
 
@@ -91,16 +91,14 @@ class StopWatcher:
             asyncio.get_running_loop().call_later(0.25, self._cancel)
 
     def flush(self) -> None:
-        self.text = self.text if self.stopped else self.decode(self.ids)
-        self._send(len(self.text))
+        self._send(self.stream.finish())
 
-    def _send(self, upto: int) -> None:
-        if upto > self.sent and self.emit is not None:
-            self.emit(self.text[self.sent:upto])
-        self.sent = max(self.sent, upto)
+    def _send(self, delta: str) -> None:
+        if delta and self.emit is not None:
+            self.emit(delta)
 
     def tokens(self) -> int:
-        return sum(1 for t in self.ids if t not in self.stop_ids)
+        return sum(1 for t in self.stream.ids if t not in self.stop_ids)
 
 
 async def complete(client, ids: list[int], options, stops: tuple[str, ...], emit=None) -> Completion:
@@ -212,8 +210,6 @@ class EdgeServer:
         return replace(self.defaults, max_new_tokens=req.max_tokens, params=params, mode=req.mode)
 
     def _picospec(self, stats: list[dict], mode: str) -> dict:
-        from picospec.api import merge_stats
-
         edge_only = sum(s.get("edge_only_tokens", 0) for s in stats)
         # partial: an answer cut by a stop string was cancelled, so its pipeline counts are missing
         return {**merge_stats(stats), "mode": mode, "edge_only_tokens": edge_only,
@@ -320,10 +316,9 @@ async def warm_up(client, defaults) -> str | None:
 
 async def serve(args, defaults) -> int:
     from edge_app.client import EdgeClient, EdgeConfig
-    from picospec.common_args import picospec_kwargs
 
     # an API answers 503 rather than draft text nobody asked for, unless --edge-fallback
-    client = EdgeClient(EdgeConfig(**{**picospec_kwargs(args), "edge_fallback": args.edge_fallback}))
+    client = EdgeClient(EdgeConfig(**{**edge_config_kwargs(args), "edge_fallback": args.edge_fallback}))
     try:
         await start_client(client)
         if defaults.mode != "edge" and (problem := await warm_up(client, defaults)):
@@ -350,17 +345,11 @@ async def serve(args, defaults) -> int:
 
 
 def run(args) -> int:
-    from edge_app.pipeline import GenerateOptions
     from models.errors import ModelError
-    from sampling import SamplingParams
 
     logging.basicConfig(level=os.environ.get("PICOSPEC_LOG", "WARNING"), stream=sys.stderr)
     try:
-        params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed).validate()
-        defaults = GenerateOptions(max_new_tokens=args.max_new_tokens, params=params, mode=args.mode,
-                                   variant=args.variant, paper_top_k=args.paper_top_k, block=args.block,
-                                   run_ahead=args.run_ahead)
-        return asyncio.run(serve(args, defaults))
+        return asyncio.run(serve(args, generate_options(args)))
     except (ValueError, ModelError) as err:
         print(f"picospec edge-serve: {err}", file=sys.stderr)
         return 2

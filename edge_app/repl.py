@@ -21,8 +21,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+from edge_app.args import add_edge_arguments, add_sampling_arguments, edge_config_kwargs, generate_options
+from edge_app.stats import merge_stats
 from edge_app.terminal import DIM, RESET, StreamView, fancy_terminal
-from picospec.common_args import add_edge_arguments, add_sampling_arguments
 
 EDGE_LABEL = "[edge only — draft model, not target quality]"
 PROMPT = "you> "
@@ -62,8 +63,6 @@ def footer(stats: dict) -> str:
 
 def format_stats(last: dict | None, turns: list[dict]) -> str:
     """/stats: the last turn, the whole chat, and the edge meters of the last turn."""
-    from picospec.api import merge_stats
-
     if last is None:
         return "no answers yet"
     total = merge_stats(turns)
@@ -350,22 +349,16 @@ def _setup_readline() -> None:
 def run(args) -> int:
     from edge_app.client import EdgeClient, EdgeConfig
     from edge_app.embedded import EmbeddedVerifierError
-    from edge_app.pipeline import GenerateOptions
     from models.errors import ModelError
-    from picospec.common_args import picospec_kwargs
-    from sampling import SamplingParams
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     ansi = interactive and not args.plain and fancy_terminal(sys.stdin, sys.stdout, os.environ)
     try:
-        params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed).validate()
+        options = generate_options(args)
     except ValueError as err:
         print(f"picospec chat: {err}", file=sys.stderr)
         return 2
-    options = GenerateOptions(max_new_tokens=args.max_new_tokens, params=params, mode=args.mode,
-                              variant=args.variant, paper_top_k=args.paper_top_k, block=args.block,
-                              run_ahead=args.run_ahead)
-    client = EdgeClient(EdgeConfig(**picospec_kwargs(args)))
+    client = EdgeClient(EdgeConfig(**edge_config_kwargs(args)))
     runner = LoopThread()
     chat = Chat(client, runner, options, args.system, interactive, ansi)
     where = args.cloud or "a local verifier (starting it)"

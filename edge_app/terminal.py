@@ -9,6 +9,8 @@ import shutil
 import unicodedata
 from typing import Callable
 
+from edge_app.textstream import TextStream
+
 DIM, RESET, ERASE_EOL = "\x1b[2m", "\x1b[0m", "\x1b[K"
 
 
@@ -68,41 +70,31 @@ class StreamView:
 
     def __init__(self, decode: Callable[[list[int]], str], write: Callable[[str], None], ansi: bool,
                  terminal: bool, columns: Callable[[], int] = lambda: shutil.get_terminal_size().columns):
-        self.decode, self.write, self.ansi, self.terminal, self.columns = decode, write, ansi, terminal, columns
-        self.ids: list[int] = []
-        self.shown = ""  # committed text already written
+        self.stream = TextStream(decode)
+        self.write, self.ansi, self.terminal, self.columns = write, ansi, terminal, columns
         self.col = 0
         self.spec_cols = 0  # columns of speculative text right of the cursor
 
     def __call__(self, new_ids: list[int], speculative: list[int]) -> None:
-        self.ids += new_ids
-        out = self._erase_speculative()
-        text = self.decode(self.ids)
-        if not text.endswith("\ufffd"):  # else half a UTF-8 character: wait for the rest
-            out += self._committed(text)
+        out = self._erase_speculative() + self._committed(self.stream.feed(new_ids))
         if self.ansi and speculative:
-            out += self._speculative(self.decode(self.ids + speculative)[len(self.shown):])
+            out += self._speculative(self.stream.preview(speculative))
         if out:
             self.write(out)
 
     def finish(self) -> str:
         """Write whatever is left, clear the speculative tail; the committed answer's text."""
-        text = self.decode(self.ids)
-        out = self._erase_speculative() + self._committed(text)
+        out = self._erase_speculative() + self._committed(self.stream.finish())
         if out:
             self.write(out)
-        return text
+        return self.stream.text
 
     def interject(self, line: str) -> None:
         """A line of its own (a notice) in the middle of the answer; the answer goes on below it."""
         self.write(self._erase_speculative() + ("\n" if self.col else "") + line + "\n")
         self.col = 0
 
-    def _committed(self, text: str) -> str:
-        if not text.startswith(self.shown):
-            return ""
-        delta = text[len(self.shown):]
-        self.shown = text
+    def _committed(self, delta: str) -> str:
         if self.terminal:
             delta = sanitize(delta)
         self.col = advance_column(self.col, delta, self.columns())

@@ -15,6 +15,7 @@ from dataclasses import replace
 
 from edge_app.client import EdgeClient, EdgeConfig
 from edge_app.pipeline import GenerateOptions
+from edge_app.stats import merge_stats
 from sampling import SamplingParams
 
 
@@ -93,19 +94,3 @@ async def generate_async(client: EdgeClient, prompt: str | list[int], *, options
         "target_quality": all(c["target_quality"] for c in completions),
     }
 
-
-def merge_stats(stats: list[dict]) -> dict:
-    """Totals over completions (rates recomputed from the totals)."""
-    keys = ("drafted", "accepted", "rejected", "recovered", "bonus", "rounds", "stale_drafts",
-            "bytes_up", "bytes_down", "wall_s", "new_tokens", "reconnects", "edge_only_tokens", "filled")
-    out = {k: sum(s[k] for s in stats) for k in keys}
-    verified = out["accepted"] + out["rejected"]
-    out["acceptance_rate"] = out["accepted"] / verified if verified else None
-    out["mean_accepted_per_round"] = out["accepted"] / out["rounds"] if out["rounds"] else None
-    out["tokens_per_s"] = out["new_tokens"] / out["wall_s"] if out["wall_s"] > 0 else None
-    out["bytes_up_per_token"] = out["bytes_up"] / out["new_tokens"] if out["new_tokens"] else None
-    out["bytes_down_per_token"] = out["bytes_down"] / out["new_tokens"] if out["new_tokens"] else None
-    ttfts = [s["ttft_s"] for s in stats if s["ttft_s"] is not None]
-    out["ttft_s"] = sum(ttfts) / len(ttfts) if ttfts else None
-    out["mode"] = stats[0]["mode"] if stats else None
-    return out

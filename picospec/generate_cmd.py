@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
-from picospec.common_args import add_edge_arguments, add_sampling_arguments, generate_kwargs, picospec_kwargs
+from edge_app.args import add_edge_arguments, add_sampling_arguments, edge_config_kwargs, generate_kwargs
+from edge_app.textstream import TextStream
 
 
 def register(sub) -> None:
@@ -27,7 +28,7 @@ def run(args) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     need_cloud = args.mode != "edge"
     try:
-        ps = PicoSpec(**picospec_kwargs(args), need_cloud=need_cloud)
+        ps = PicoSpec(**edge_config_kwargs(args), need_cloud=need_cloud)
     except (ModelError, CloudError, RuntimeError) as err:
         print(f"picospec generate: {err}", file=sys.stderr)
         return 2
@@ -39,6 +40,8 @@ def run(args) -> int:
         print(f"\npicospec generate: the verifier said {err}", file=sys.stderr)
         return 3
     finally:
+        if stream is not None:
+            stream.finish()
         ps.close()
     if args.json:
         print(json.dumps(out))
@@ -53,18 +56,19 @@ def run(args) -> int:
 
 
 class _Streamer:
-    """Prints committed text as it grows, decoding UTF-8 across token boundaries."""
+    """Prints committed text to stdout as it grows."""
 
     def __init__(self, ps):
-        self.ps = ps
-        self.ids: list[int] = []
-        self.shown = ""
+        self.stream = TextStream(ps.client.decode)
 
     def __call__(self, new_ids: list[int], speculative: list[int]) -> None:
-        self.ids += new_ids
-        text = self.ps.client.decode(self.ids)
-        if text.endswith("\ufffd"):  # half a character: wait for the rest
-            return
-        sys.stdout.write(text[len(self.shown):])
-        sys.stdout.flush()
-        self.shown = text
+        self._write(self.stream.feed(new_ids))
+
+    def finish(self) -> None:
+        self._write(self.stream.finish())
+
+    @staticmethod
+    def _write(text: str) -> None:
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()

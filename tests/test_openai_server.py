@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from edge_app.openai_protocol import RequestError, find_stop, holdback, parse_request
+from edge_app.openai_protocol import RequestError, parse_request
 from edge_app.openai_server import EdgeServer
 from edge_app.pipeline import GenerateOptions
+from edge_app.textstream import find_stop, holdback
 from tests.fake_edge import FakeClient
 
 openai = pytest.importorskip("openai")

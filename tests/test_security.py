@@ -125,13 +125,13 @@ def test_serve_flags_build_the_security_config(cert, tmp_path):
 
 def test_edge_flags_reach_the_edge_config():
     from edge_app.client import EdgeConfig
-    from picospec.common_args import add_edge_arguments, picospec_kwargs
+    from edge_app.args import add_edge_arguments, edge_config_kwargs
 
     p = argparse.ArgumentParser()
     add_edge_arguments(p)
     args = p.parse_args(["--cloud", "wss://h:1", "--ca-cert", "ca.pem", "--reply-timeout", "7",
                          "--reconnect-s", "3", "--no-edge-fallback"])
-    c = EdgeConfig(**picospec_kwargs(args))
+    c = EdgeConfig(**edge_config_kwargs(args))
     assert (c.ca_cert, c.reply_timeout_s, c.reconnect_s, c.edge_fallback) == ("ca.pem", 7, 3, False)
 
 

@@ -1,7 +1,9 @@
-"""Flags shared by the commands that run the edge (generate, chat, bench, demo, edge-serve)."""
+"""Command-line flags shared by the commands that run the edge (generate, chat, demo, edge-serve,
+bench), and the keyword arguments they turn into."""
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def add_edge_arguments(p: argparse.ArgumentParser) -> None:
@@ -41,10 +43,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run-ahead", type=int, default=None, help="most unverified drafted tokens (default: 2 x block)")
 
 
-def picospec_kwargs(args) -> dict:
-    """PicoSpec(...) and EdgeConfig(...) keyword arguments from the edge flags."""
-    import os
-
+def edge_config_kwargs(args: argparse.Namespace) -> dict:
+    """EdgeConfig(...) (and PicoSpec(...)) keyword arguments from the edge flags."""
     return dict(draft=args.draft, cloud=args.cloud, target=args.target,
                 token=args.token or os.environ.get("PICOSPEC_TOKEN"), dtype=args.dtype,
                 threads=args.threads, pin_cores=not args.no_pin, ca_cert=args.ca_cert,
@@ -52,7 +52,19 @@ def picospec_kwargs(args) -> dict:
                 edge_fallback=not args.no_edge_fallback)
 
 
-def generate_kwargs(args) -> dict:
+def generate_kwargs(args: argparse.Namespace) -> dict:
+    """The sampling flags as keyword arguments of PicoSpec.generate(...)."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, seed=args.seed, mode=args.mode, variant=args.variant,
                 paper_top_k=args.paper_top_k, block=args.block, run_ahead=args.run_ahead)
+
+
+def generate_options(args: argparse.Namespace):
+    """The sampling flags as the pipeline's GenerateOptions (raises ValueError on bad numbers)."""
+    from edge_app.pipeline import GenerateOptions
+    from sampling import SamplingParams
+
+    params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed).validate()
+    return GenerateOptions(max_new_tokens=args.max_new_tokens, params=params, mode=args.mode,
+                           variant=args.variant, paper_top_k=args.paper_top_k, block=args.block,
+                           run_ahead=args.run_ahead)
