@@ -15,6 +15,7 @@ from edge_app.drafter import Drafter, DrafterConfig
 from edge_app.link import CloudError, CloudLink
 from edge_app.meters import EdgeMeters
 from edge_app.pipeline import RETRYABLE, Answer, CommitCallback, GenerateOptions, Pipeline
+from edge_app.policy import Estimates
 from edge_app.template import render_chat
 
 
@@ -48,8 +49,7 @@ class EdgeClient:
         self.verifier = None
         self.link: CloudLink | None = None
         self._link_key = None
-        self.epoch = 0
-        self.estimates: dict = {}
+        self.estimates = Estimates()  # measured numbers, carried across answers
         self.meters = EdgeMeters()
         self.pipeline: Pipeline | None = None
         self.chat_template: str | None = None
@@ -131,7 +131,7 @@ class EdgeClient:
             sampling={"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed},
             variant=options.variant, paper_top_k=options.paper_top_k, token=self.config.token,
             client="picospec-edge"))
-        self.link, self._link_key, self.epoch = link, key, 0
+        self.link, self._link_key = link, key
         return link
 
     # -- text --------------------------------------------------------------------------------
@@ -163,15 +163,12 @@ class EdgeClient:
             except CloudError as err:
                 if not (self.config.edge_fallback and err.code in RETRYABLE):
                     raise
-        pipeline = Pipeline(self.drafter, link, options, on_commit, self.meters, self.epoch, self.estimates)
+        pipeline = Pipeline(self.drafter, link, options, on_commit, self.meters, self.estimates)
         pipeline.reconnect = lambda err: self._reconnect(options, err)
         pipeline.retry_interval_s = self.config.retry_interval_s
         pipeline.notice = self._notice
         self.pipeline = pipeline
-        try:
-            return await pipeline.run(prompt_ids)
-        finally:
-            self.epoch = pipeline.epoch
+        return await pipeline.run(prompt_ids)
 
     async def _reconnect(self, options: GenerateOptions, err: CloudError | None) -> CloudLink | None:
         """A new session after a lost one, retried with backoff for up to reconnect_s; None if the

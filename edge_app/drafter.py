@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edge_app.draft_model import common_prefix_len
+
 
 @dataclass(frozen=True)
 class DrafterConfig:
@@ -28,7 +30,7 @@ class DrafterConfig:
 
 
 class Drafter:
-    """A GGUF draft model with one KV cache: prefill, next-token logits, feed, roll back."""
+    """A GGUF draft model with one KV cache (implements edge_app.draft_model.DraftModel)."""
 
     def __init__(self, config: DrafterConfig):
         import llama_cpp  # imported here so that `import edge_app` works without it (tests, docs)
@@ -120,13 +122,3 @@ class Drafter:
 
 class ContextFullError(RuntimeError):
     """The sequence would not fit the draft's context window."""
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-

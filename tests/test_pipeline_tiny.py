@@ -180,7 +180,7 @@ def test_kv_cache_reused_across_turns(server, target):
         first = await p1.run(PROMPTS[1])
         second_prompt = PROMPTS[1] + first.token_ids + [4, 4]
         before = drafter.length
-        p = Pipeline(drafter, link, opts, epoch=p1.epoch)
+        p = Pipeline(drafter, link, opts)
         second = await p.run(second_prompt)
         await link.close()
         return first, second, before, second_prompt
@@ -205,14 +205,11 @@ def _empirical_first_two(server, target, variant: str, params: SamplingParams, r
             "temperature": params.temperature, "top_p": params.top_p, "top_k": params.top_k,
             "seed": params.seed}, variant=variant, paper_top_k=top_k))
         firsts = []
-        epoch = 0
         for i in range(rounds):
             opts = GenerateOptions(max_new_tokens=1, params=SamplingParams(
                 params.temperature, params.top_p, params.top_k, seed=i), variant=variant,
                 paper_top_k=top_k, block=2, stop_ids=(), fill=fill)
-            p = Pipeline(drafter, link, opts, epoch=epoch)
-            ans = await p.run(prompt)
-            epoch = p.epoch
+            ans = await Pipeline(drafter, link, opts).run(prompt)
             firsts.append(ans.token_ids[0])
         await link.close()
         return firsts

@@ -124,12 +124,10 @@ class HealthySession:
     async def _run(self) -> None:
         try:
             link = await open_link(self.url)
-            epoch = 0
             while not self._stop.is_set():
                 p = Pipeline(self.drafter, link, GenerateOptions(max_new_tokens=self.n, block=3,
-                                                                  stop_ids=NO_STOP), epoch=epoch)
+                                                                  stop_ids=NO_STOP))
                 ans = await p.run(self.prompt)
-                epoch = p.epoch
                 self.answers += 1
                 if ans.token_ids != self.expected:
                     self.wrong.append(ans.token_ids)

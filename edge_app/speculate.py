@@ -1,0 +1,271 @@
+"""The edge's half of speculative decoding: draft, send, apply the verdict, roll back.
+
+One answer, one verifier session. State (positions are absolute token indices):
+  answer.committed  prompt + committed output; the cloud holds the same list
+  drafted           speculative tokens after `committed`, each with the distribution it came from
+  sent              how many of `drafted` have gone up
+  forced            the paper variant's recovered token: committed here, not yet sent up
+  epoch             the epoch the cloud told us to draft in (Prefilled, Verdict, Tokens carry it);
+                    None until the Prefilled of this answer arrives
+  hold_epoch        drafts sent in this epoch turned out stale (a token the cloud committed itself
+                    contradicted them): send nothing until the cloud announces a newer epoch
+The drafter's KV cache holds committed + drafted (+ the unsent forced token, already committed).
+
+Pipeline and sync are the same loop: sync has a run-ahead equal to the block and waits for each
+verdict; the pipeline keeps drafting while blocks are in flight and applies verdicts between
+draft steps (the verdict is the interrupt). `auto` picks one of them, or cloud-only streaming,
+from the measured numbers (edge_app.policy) and re-plans after every verdict.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+import codec
+from codec import VerdictKind
+from edge_app.answer import AnswerState
+from edge_app.draft_model import DraftModel, resync
+from edge_app.link import CloudLink
+from edge_app.policy import Estimates, Plan, ema
+from edge_app.variants import ExactVariant, PaperVariant
+from sampling import SparseDist, draft_dist, sample_sparse
+
+DEFAULT_BLOCK = 4
+SWITCH_TO_CLOUD = "cloud"  # what run() returns when auto decides cloud-only is faster
+
+
+class SpeculativeLoop:
+    """Drives one answer through drafter and verifier until it is done (or auto hands over)."""
+
+    def __init__(self, answer: AnswerState, drafter: DraftModel, link: CloudLink, estimates: Estimates,
+                 variant: ExactVariant | PaperVariant, rng: np.random.Generator, mode: str):
+        self.answer = answer
+        self.opt = answer.options
+        self.stats = answer.stats
+        self.meters = answer.meters
+        self.drafter = drafter
+        self.link = link
+        self.est = estimates
+        self.variant = variant
+        self.rng = rng
+        self.mode = mode  # "pipeline", "sync" or "auto"
+        self.drafted: list[int] = []
+        self.dists: list[SparseDist] = []
+        self.sent = 0
+        self.forced: list[int] = []
+        self.epoch: int | None = None
+        self.hold_epoch: int | None = None
+        self.seq = 0
+        self.sent_blocks: dict[int, tuple[float, int]] = {}  # seq -> (sent at, ids in the Draft)
+        self.stop_drafting = False
+        self.needs_resync = False
+        self.plan = Plan(mode if mode != "auto" else "pipeline", DEFAULT_BLOCK, DEFAULT_BLOCK, 0.0)
+
+    @property
+    def committed(self) -> list[int]:
+        return self.answer.committed
+
+    # -- the loop ----------------------------------------------------------------------------
+    async def run(self) -> str | None:
+        """Returns None when the answer is done, SWITCH_TO_CLOUD when auto hands it to the cloud."""
+        # 1. both sides prefill at once: the committed prefix goes up first, the edge prefills
+        #    locally and starts drafting; the cloud's Prefilled brings the first token and the epoch
+        fill = self.opt.fill and self.mode != "sync" and self.variant.name == "exact"
+        await self.link.send(codec.Prompt(ids=self.committed, max_new_tokens=self.answer.remaining(), fill=fill))
+        await self._drafter_call("prefill", self.drafter.prefill, list(self.committed))
+        while self.answer.done_reason is None:
+            # 2. apply every message that has arrived (between draft steps)
+            for msg in self.link.poll():
+                self.on_message(msg)
+            if self.answer.done_reason is not None:
+                break
+            await self._resync_drafter()
+            self.plan = self._choose_plan()
+            if self.plan.mode == "cloud" and self._nothing_in_flight():
+                self.stats.mode_switches.append("cloud")
+                return SWITCH_TO_CLOUD
+            if self._may_draft():
+                # 3. draft one token; a full block goes up at once
+                await self._draft_step()
+                unsent = len(self.drafted) - self.sent
+                if self._may_send() and (unsent >= self.plan.block or self.stop_drafting):
+                    await self._send_block(wait=self.plan.mode == "sync" or self.stop_drafting)
+            else:
+                # 4. nothing to draft: make sure the cloud has everything, then wait for a message
+                if self._may_send() and (len(self.drafted) > self.sent or self.forced):
+                    await self._send_block(wait=True)
+                with self.meters.phase("network_wait"):
+                    msg = await self.link.recv()
+                self.on_message(msg)
+        return None
+
+    def _may_draft(self) -> bool:
+        at_limit = self.answer.generated + len(self.drafted) >= self.opt.max_new_tokens
+        return not self.stop_drafting and not at_limit and len(self.drafted) < self.plan.run_ahead
+
+    def _may_send(self) -> bool:
+        return self.epoch is not None and (self.hold_epoch is None or self.epoch > self.hold_epoch)
+
+    def _nothing_in_flight(self) -> bool:
+        return self.epoch is not None and self.sent == 0 and not self.forced and self.hold_epoch is None
+
+    # -- planning ----------------------------------------------------------------------------
+    def _choose_plan(self) -> Plan:
+        """Block size and run-ahead (and in auto, the mode): fixed by options, or from measurements."""
+        if self.opt.block:
+            block = self.opt.block
+            mode = "sync" if self.mode == "sync" else "pipeline"
+            return Plan(mode, block, block if mode == "sync" else (self.opt.run_ahead or 2 * block), 0.0)
+        if self.mode == "sync":  # the vanilla baseline keeps one block size
+            return Plan("sync", self.est.sync_block, self.est.sync_block, 0.0)
+        plan = self.est.plan(allow_sync=self.mode == "auto", allow_cloud=self.mode == "auto")
+        if plan is None:  # nothing measured yet: a middle-of-the-road pipeline
+            return Plan("pipeline", DEFAULT_BLOCK, self.opt.run_ahead or 2 * DEFAULT_BLOCK, 0.0)
+        if plan.mode == "pipeline" and self.opt.run_ahead:
+            return Plan(plan.mode, plan.block, self.opt.run_ahead, plan.rate)
+        return plan
+
+    # -- drafting ----------------------------------------------------------------------------
+    async def _draft_step(self) -> None:
+        token, dist = await self._drafter_call("draft", self._draft_one)
+        self.drafted.append(token)
+        self.dists.append(dist)
+        self.stats.drafted += 1
+        if token in self.opt.stop_ids or self.answer.generated + len(self.drafted) >= self.opt.max_new_tokens:
+            self.stop_drafting = True
+
+    def _draft_one(self) -> tuple[int, SparseDist]:
+        """Sample one token from the quantised draft distribution and feed it (worker thread)."""
+        params = self.opt.params
+        dist = draft_dist(self.drafter.logits(), params)
+        token = int(dist.ids[0]) if params.greedy else sample_sparse(dist, self.rng)
+        self.drafter.feed([token])
+        return token, dist
+
+    async def _drafter_call(self, phase: str, fn, *args):
+        t0 = time.perf_counter()
+        with self.meters.phase(phase):
+            result = await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        if phase == "draft":
+            self.est.t_draft = ema(self.est.t_draft, time.perf_counter() - t0, 0.2)
+        return result
+
+    async def _resync_drafter(self) -> None:
+        """After a correction, roll the draft's KV cache back to the committed prefix."""
+        if not self.needs_resync:
+            return
+        self.needs_resync = False
+        with self.meters.phase("rollback"):
+            await asyncio.get_running_loop().run_in_executor(None, resync, self.drafter, list(self.committed))
+
+    # -- sending -----------------------------------------------------------------------------
+    async def _send_block(self, wait: bool) -> None:
+        new = self.drafted[self.sent:]
+        ids = self.forced + new
+        payload = self.variant.uplink(self.opt.params.greedy, self.forced, new, self.dists[self.sent:])
+        # a forced token (the paper variant's recovered one) is committed already: it goes up first
+        pos = len(self.committed) - len(self.forced) + self.sent
+        self.seq += 1
+        await self.link.send(codec.Draft(epoch=self.epoch, pos=pos, ids=ids, forced=len(self.forced),
+                                         wait=wait, seq=self.seq, **payload))
+        self.sent_blocks[self.seq] = (time.perf_counter(), len(ids))
+        self.stats.block_sizes.append(len(new))
+        self.sent = len(self.drafted)
+        self.forced = []
+
+    # -- what the cloud says -----------------------------------------------------------------
+    def on_message(self, msg) -> None:
+        if isinstance(msg, codec.Prefilled):
+            self._adopt_epoch(msg.epoch)
+            if msg.token is not None:
+                self._on_cloud_tokens(msg.committed_len - 1, [msg.token])
+        elif self.epoch is None:
+            return  # left over from an earlier answer on this session
+        elif isinstance(msg, codec.Tokens):
+            self.stats.filled += len(msg.ids)
+            self._on_cloud_tokens(msg.pos, list(msg.ids))
+            self._adopt_epoch(msg.epoch)
+        elif isinstance(msg, codec.Verdict):
+            if msg.epoch == self.epoch:  # else: a verdict on drafts already thrown away
+                self._on_verdict(msg)
+        else:
+            raise RuntimeError(f"unexpected {type(msg).__name__} from the verifier during drafting")
+
+    def _adopt_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.hold_epoch is not None and epoch > self.hold_epoch:
+            self.hold_epoch = None
+
+    def _on_cloud_tokens(self, pos: int, ids: list[int]) -> None:
+        """Tokens the cloud committed itself (the first token from its prefill, filled tokens).
+
+        A drafted token at the same position that matches is simply committed. One that differs
+        makes every draft stale; if some were sent, the cloud will find them stale too and move to
+        a new epoch, which we wait to hear before sending more.
+        """
+        for i, token in enumerate(ids):
+            if pos + i != len(self.committed):
+                raise RuntimeError(f"the verifier committed position {pos + i}, the edge holds {len(self.committed)}")
+            if self.drafted and self.drafted[0] == token:
+                self.drafted, self.dists = self.drafted[1:], self.dists[1:]
+                self.sent = max(0, self.sent - 1)
+            elif self.drafted:
+                if self.sent:
+                    self.hold_epoch = self.epoch
+                self._drop_drafts(len(self.drafted))
+            else:  # nothing drafted here yet: the drafter must still be fed the token
+                self.needs_resync = True
+            self.answer.commit([token], self.drafted)
+
+    def _on_verdict(self, msg: codec.Verdict) -> None:
+        self._measure(msg)
+        self.stats.rounds += 1
+        n = msg.accepted
+        accepted = self.drafted[:n]
+        self.stats.accepted += n
+        self.drafted, self.dists = self.drafted[n:], self.dists[n:]
+        self.sent = max(0, self.sent - n)
+        if not msg.kind.corrects:
+            self._adopt_epoch(msg.new_epoch)
+            self._update_acceptance()
+            self.answer.commit(accepted, self.drafted)
+            return
+        # a token the edge did not draft is committed: every later draft is stale
+        rejected_dist = self.dists[0] if self.dists else None
+        if msg.kind is VerdictKind.BONUS:
+            self.stats.bonus += 1
+            self._drop_drafts(len(self.drafted))
+        else:
+            self.stats.rejected += 1
+            self.stats.recovered += 1
+            self._drop_drafts(len(self.drafted) - 1)  # the rejected one was tested, not stale
+        if msg.kind is VerdictKind.RECOVER_ON_EDGE:
+            token = self.variant.recover_on_edge(msg, rejected_dist, self.rng)
+            self.forced = [token]
+        else:
+            token = msg.token
+        self._adopt_epoch(msg.new_epoch)
+        self._update_acceptance()
+        self.answer.commit(accepted + [token], [])
+
+    def _drop_drafts(self, stale: int) -> None:
+        self.stats.stale_drafts += max(0, stale)
+        self.drafted, self.dists, self.sent = [], [], 0
+        self.stop_drafting = False
+        self.needs_resync = True
+
+    def _measure(self, msg: codec.Verdict) -> None:
+        sent_at, size = self.sent_blocks.pop(msg.seq, (None, 0))
+        self.stats.verify_s.append(msg.verify_s)
+        self.est.verify.observe(msg.fed or size or 1, msg.verify_s)
+        # the first verdict of an answer also waited for the cloud's prefill: not a round trip
+        if sent_at is not None and self.stats.rounds > 0:
+            rtt = max(0.0, time.perf_counter() - sent_at - msg.verify_s)
+            self.est.t_rtt = ema(self.est.t_rtt, rtt, 0.3)
+
+    def _update_acceptance(self) -> None:
+        tested = self.stats.accepted + self.stats.rejected
+        if tested >= 4:
+            self.est.acceptance = self.stats.accepted / tested

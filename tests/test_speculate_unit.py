@@ -1,0 +1,196 @@
+"""The edge's round against a scripted cloud: epochs come from the cloud's messages, never guessed.
+
+Pure logic (no model, no socket): a counting drafter and a fake link whose replies the test writes.
+The real path (real server, real sockets, real models) is covered by test_pipeline_tiny.py and
+test_real_models.py.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+import codec
+from codec import VerdictKind
+from edge_app.answer import AnswerState, GenerateOptions, GenerationStats
+from edge_app.meters import EdgeMeters
+from edge_app.policy import Estimates
+from edge_app.speculate import SpeculativeLoop
+from edge_app.variants import ExactVariant
+
+V = 50
+
+
+class CountingDrafter:
+    """Drafts last token + 1 (mod V), greedily."""
+
+    def __init__(self):
+        self._tokens: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    def prefill(self, ids):
+        self._tokens = list(ids)
+
+    def feed(self, ids):
+        self._tokens += list(ids)
+
+    def rollback(self, length):
+        self._tokens = self._tokens[:length]
+
+    def logits(self):
+        out = np.zeros(V, dtype=np.float32)
+        out[(self._tokens[-1] + 1) % V] = 10.0
+        return out
+
+
+class ScriptedLink:
+    """Records what the edge sends; `reply(sent_msg, link)` decides what the cloud answers."""
+
+    def __init__(self, reply):
+        self.sent: list = []
+        self.inbox: asyncio.Queue = asyncio.Queue()
+        self.reply = reply
+        self.bytes_up = self.bytes_down = 0
+
+    async def send(self, msg):
+        self.sent.append(msg)
+        for answer in self.reply(msg, self) or ():
+            self.inbox.put_nowait(answer)
+
+    async def recv(self, timeout=None):
+        return await asyncio.wait_for(self.inbox.get(), 5.0)
+
+    def poll(self):
+        out = []
+        while not self.inbox.empty():
+            out.append(self.inbox.get_nowait())
+        return out
+
+    def drafts(self):
+        return [m for m in self.sent if isinstance(m, codec.Draft)]
+
+
+def run_loop(link, prompt, max_new=8, block=2):
+    opts = GenerateOptions(max_new_tokens=max_new, block=block, run_ahead=block, mode="pipeline", stop_ids=())
+    answer = AnswerState(prompt, opts, GenerationStats(mode="pipeline"), EdgeMeters())
+    loop = SpeculativeLoop(answer, CountingDrafter(), link, Estimates(), ExactVariant(),
+                           np.random.default_rng(0), "pipeline")
+    asyncio.run(loop.run())
+    return answer, loop
+
+
+def accept_all(epoch_of_prefill):
+    """A cloud that accepts every block whole and keeps its epoch."""
+
+    def reply(msg, link):
+        if isinstance(msg, codec.Prompt):
+            return [codec.Prefilled(committed_len=len(msg.ids) + 1, epoch=epoch_of_prefill, prefill_s=0.0,
+                                    token=(msg.ids[-1] + 1) % V)]
+        if isinstance(msg, codec.Draft):
+            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
+                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+        return []
+
+    return reply
+
+
+def test_drafts_carry_the_epoch_from_prefilled_and_start_after_the_clouds_first_token():
+    answer, _ = run_loop(ScriptedLink(accept_all(epoch_of_prefill=7)), [1, 2, 3], max_new=7)
+    assert answer.committed == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    assert answer.stats.accepted == 6  # the first token came from the cloud's prefill, not a draft
+
+
+def test_first_draft_is_sent_only_after_prefilled_and_in_its_epoch():
+    link = ScriptedLink(accept_all(epoch_of_prefill=7))
+    run_loop(link, [1, 2, 3], max_new=5)
+    drafts = link.drafts()
+    assert drafts and all(d.epoch == 7 for d in drafts)
+    assert drafts[0].pos == 4  # after the prompt and the cloud's first token
+    assert drafts[0].ids[0] == 5
+
+
+def test_a_recovered_token_moves_the_edge_to_the_epoch_the_verdict_names():
+    state = {"rejected": False}
+
+    def reply(msg, link):
+        if isinstance(msg, codec.Prompt):
+            return [codec.Prefilled(committed_len=len(msg.ids) + 1, epoch=3, prefill_s=0.0, token=(msg.ids[-1] + 1) % V)]
+        if isinstance(msg, codec.Draft):
+            if not state["rejected"]:  # reject the first block's first token, jump to epoch 40
+                state["rejected"] = True
+                return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=0, token=30,
+                                      kind=VerdictKind.RECOVERED, new_epoch=40, seq=msg.seq)]
+            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
+                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+        return []
+
+    link = ScriptedLink(reply)
+    answer, _ = run_loop(link, [1, 2, 3], max_new=6)
+    assert answer.committed == [1, 2, 3, 4, 30, 31, 32, 33, 34]
+    epochs = [d.epoch for d in link.drafts()]
+    assert epochs[0] == 3 and set(epochs[1:]) == {40}  # a guess of 4 would be refused by the cloud
+    assert answer.stats.rejected == 1 and answer.stats.recovered == 1
+
+
+def test_a_filled_token_that_contradicts_sent_drafts_holds_sending_until_a_newer_epoch():
+    """The cloud filled position 4 with 20 while our drafts for it (5, 6) were in flight: the edge
+    drops them, sends nothing more in epoch 2, and resumes in the epoch the next filled token names."""
+    log = []
+
+    def reply(msg, link):
+        log.append(msg)
+        if isinstance(msg, codec.Prompt):
+            return [codec.Prefilled(committed_len=len(msg.ids), epoch=2, prefill_s=0.0, token=None)]
+        if isinstance(msg, codec.Draft) and msg.epoch == 2:
+            # the cloud had committed 20 at position 3 before this draft arrived: stale; then it
+            # fills 21 in epoch 3 (its epoch moved when it saw the stale draft)
+            return [codec.Tokens(pos=3, ids=[20], done=False, epoch=2),
+                    codec.Tokens(pos=4, ids=[21], done=False, epoch=3)]
+        if isinstance(msg, codec.Draft):
+            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
+                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+        return []
+
+    link = ScriptedLink(reply)
+    answer, _ = run_loop(link, [1, 2, 3], max_new=6)
+    assert answer.committed == [1, 2, 3, 20, 21, 22, 23, 24, 25]
+    drafts = link.drafts()
+    assert drafts[0].epoch == 2 and all(d.epoch == 3 for d in drafts[1:])
+    assert drafts[1].pos == 5 and drafts[1].ids[0] == 22
+    assert answer.stats.filled == 2
+
+
+def test_a_filled_token_that_matches_the_draft_keeps_the_rest_of_the_block():
+    def reply(msg, link):
+        if isinstance(msg, codec.Prompt):
+            return [codec.Prefilled(committed_len=len(msg.ids), epoch=1, prefill_s=0.0, token=None),
+                    codec.Tokens(pos=len(msg.ids), ids=[(msg.ids[-1] + 1) % V], done=False, epoch=1)]
+        if isinstance(msg, codec.Draft):
+            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
+                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+        return []
+
+    link = ScriptedLink(reply)
+    answer, _ = run_loop(link, [1, 2, 3], max_new=5)
+    assert answer.committed == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert answer.stats.stale_drafts == 0 and answer.stats.filled == 1
+
+
+def test_messages_left_over_from_an_earlier_answer_are_ignored_until_prefilled():
+    def reply(msg, link):
+        if isinstance(msg, codec.Prompt):
+            return [codec.Verdict(epoch=0, pos=0, accepted=2, token=None, kind=VerdictKind.ACCEPTED,
+                                  new_epoch=0, seq=99),
+                    codec.Tokens(pos=0, ids=[9], done=False, epoch=0),
+                    codec.Prefilled(committed_len=len(msg.ids) + 1, epoch=5, prefill_s=0.0, token=4)]
+        return accept_all(5)(msg, link)
+
+    answer, _ = run_loop(ScriptedLink(reply), [1, 2, 3], max_new=3)
+    assert answer.committed == [1, 2, 3, 4, 5, 6]
