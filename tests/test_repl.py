@@ -132,6 +132,107 @@ def test_save_writes_the_conversation(loop, tmp_path):
     assert data["messages"][1]["role"] == "assistant" and data["turn_stats"][0]["new_tokens"] > 0
 
 
+# -- the chat over a real (tiny) edge and verifier --------------------------------------------
+class CountingDrafter:
+    """Wraps a tiny drafter; records every feed as (first position, tokens) to count prefill work."""
+
+    def __init__(self, inner):
+        self.inner, self.fed = inner, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def feed(self, ids):
+        self.fed.append((self.inner.length, len(ids)))
+        self.inner.feed(ids)
+
+    def prefill(self, ids):  # the tiny drafter's own prefill would call its own feed, unseen
+        
+        keep = common_prefix_len(self.inner.tokens[:len(ids) - 1], ids)
+        self.inner.rollback(keep)
+        self.feed(ids[keep:])
+
+    def prompt_positions_computed(self, since: int, prompt_len: int) -> int:
+        """Positions below prompt_len the drafter computed in feeds since the given call."""
+        return sum(max(0, min(start + n, prompt_len) - start) for start, n in self.fed[since:])
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def tiny_chat_ids(messages: list[dict]) -> list[int]:
+    """A chat template for the tiny vocabulary: role id, content, end id per message, then the
+    assistant's role id. Assistant text ("t5 t9 ", as the tiny drafter decodes) maps back to its ids."""
+    role = {"system": 3, "user": 1, "assistant": 2}
+    ids = []
+    for m in messages:
+        if m["role"] == "assistant":
+            body = [int(word[1:]) for word in m["content"].split()]
+        else:
+            body = [10 + ord(c) % 50 for c in m["content"]]
+        ids += [role[m["role"]], *body, 4]
+    return ids + [role["assistant"]]
+
+
+def prefill_tokens_metric(port: int) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("picospec_prefill_tokens_total "):
+                return float(line.split()[1])
+    raise AssertionError("no picospec_prefill_tokens_total in /metrics")
+
+
+def test_kv_cache_reused_across_turns(loop):
+    """The second turn re-sends the whole conversation; the drafter and the verifier each compute
+    only what their cache does not hold: the end of the first answer and the new user turn."""
+    from cloud.engine import TargetEngine
+    from tests.tiny import ServerThread, TinyDrafter, perturbed, tiny_model
+    from tests.tiny_edge import reference, tiny_client
+
+    target = tiny_model(0)
+    n = 10
+    with ServerThread(TargetEngine(target)) as server:
+        drafter = CountingDrafter(TinyDrafter(perturbed(target, 0.5)))
+        client = tiny_client(server.url, drafter)
+        client.encode_chat = tiny_chat_ids
+        chat, _ = make_chat(loop, client)
+        chat.options = GenerateOptions(max_new_tokens=n, mode="pipeline")
+        try:
+            prompt1 = tiny_chat_ids(chat.messages() + [{"role": "user", "content": "first question"}])
+            chat.answer("first question")
+            edge1, cloud1 = drafter.prompt_positions_computed(0, len(prompt1)), prefill_tokens_metric(server.port)
+            answer1 = tiny_chat_ids(chat.messages())[len(prompt1):-2]  # the answer's ids
+            fed_before, cached_before = len(drafter.fed), drafter.tokens
+            prompt2 = tiny_chat_ids(chat.messages() + [{"role": "user", "content": "and a second one"}])
+            chat.answer("and a second one")
+            edge2 = drafter.prompt_positions_computed(fed_before, len(prompt2))
+            cloud2 = prefill_tokens_metric(server.port) - cloud1
+        finally:
+            loop.call(drop_link(client))
+    assert answer1 == reference(target, prompt1, n)
+    assert [int(w[1:]) for w in chat.turns[-1]["content"].split()] == reference(target, prompt2, n)
+    # the first turn computes its whole prompt on both sides (the counts see real work)
+    assert edge1 == len(prompt1) and cloud1 == len(prompt1)
+    # the second: both sides held the first turn, at most its last answer token was not yet cached
+    held = len(prompt1) + len(answer1) - 1
+    assert common_prefix_len(cached_before, prompt2) >= held
+    new = len(prompt2) - held  # the answer's last token, its end id and the new user turn
+    assert 0 < edge2 <= new < len(prompt2)
+    assert 0 < cloud2 <= new
+
+
+async def drop_link(client):
+    if client.link is not None:
+        await client.link.close()
+        client.link = None
+
+
 # -- the real command ------------------------------------------------------------------------
 CHAT = [sys.executable, "-m", "picospec.cli", "chat", "--dtype", "float32"]  # float32: fast on any CPU
 
