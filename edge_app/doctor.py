@@ -33,13 +33,14 @@ JETPACK_BY_L4T = {"32": "4", "34": "5", "35": "5", "36": "6", "38": "7"}
 # Used only when the user has not measured them; each is named with its origin in the report.
 ASSUMED = {
     "rtt_ms": (100.0, "assumed; pass --rtt-ms (e.g. from ping to the cloud host)"),
-    "draft_ms_1t": (74.0, "Qwen2.5-Coder-0.5B Q4_K_M, 1 llama.cpp thread, x86 AVX2 VM "
-                          "(docs: DESIGN.md); not this device: measure with picospec bench"),
-    "draft_ms_2t": (40.0, "Qwen2.5-Coder-0.5B Q4_K_M, 2 llama.cpp threads, x86 AVX2 VM "
-                          "(25 tok/s, docs: MODELS.md); not this device: measure with picospec bench"),
-    "verify_ms": (360.0, "Qwen2.5-Coder-1.5B bf16 verify pass on 1 CPU thread (DESIGN.md); "
-                         "a GPU cloud is much faster: pass --verify-ms"),
-    "acceptance": (0.77, "mean greedy agreement of the default pair on six chat prompts (DESIGN.md)"),
+    "draft_ms_1t": (74.0, "Qwen2.5-Coder-0.5B Q4_K_M, 1 llama.cpp thread, measured on an x86 AVX2 "
+                          "development VM; not this device: measure with picospec bench"),
+    "draft_ms_2t": (40.0, "Qwen2.5-Coder-0.5B Q4_K_M, 2 llama.cpp threads (25 tok/s), measured on an "
+                          "x86 AVX2 development VM; not this device: measure with picospec bench"),
+    "verify_ms": (360.0, "Qwen2.5-Coder-1.5B bf16 verify pass on 1 CPU thread, measured on the "
+                         "development VM; a GPU cloud is much faster: pass --verify-ms"),
+    "acceptance": (0.77, "mean greedy agreement of the default pair on six chat prompts, measured "
+                         "with the real-model tests"),
 }
 
 
@@ -238,7 +239,7 @@ def recommend_threads(physical: int | None, logical: int | None) -> tuple[int, s
 
 def recommend_mode(rtt_ms: float | None, draft_ms: float | None, verify_ms: float | None,
                    acceptance: float | None, threads: int) -> dict:
-    """pipeline / sync / cloud from the performance model in edge_app.policy (DESIGN.md)."""
+    """pipeline / sync / cloud: whichever the performance model in edge_app.policy rates fastest."""
     numbers, assumed = {}, {}
     draft_key = "draft_ms_2t" if threads >= 2 else "draft_ms_1t"
     for name, given, key in (("rtt_ms", rtt_ms, "rtt_ms"), ("draft_ms", draft_ms, draft_key),
