@@ -136,14 +136,39 @@ def test_edge_flags_reach_the_edge_config():
 
 
 # -- the pieces, alone -----------------------------------------------------------------------
-def test_token_check_is_constant_time_and_compares_every_token():
-    assert match_token("b", ("a", "b", "c")) == 1
-    assert match_token("B", ("a", "b")) is None and match_token(None, ("a",)) is None
-    assert match_token("", ("a",)) is None
-    source = (ROOT / "cloud" / "limits.py").read_text()
-    assert "hmac.compare_digest" in source
-    body = source[source.index("def match_token"):source.index("def op_cost")]
-    assert "return i" not in body and "break" not in body  # no early exit on a match
+def test_token_check_compares_every_token_in_constant_time(monkeypatch):
+    """Each accepted token goes through hmac.compare_digest once, whatever was presented (right,
+    wrong, another length, nothing) and wherever a match is: no early exit, no length shortcut."""
+    import hmac
+
+    real, calls = hmac.compare_digest, []
+
+    def spy(a, b):
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    accepted = ("alpha-secret", "b", "fleet-c-0123456789")
+    cases = {**{t: i for i, t in enumerate(accepted)},
+             "alpha-secreT": None, "alpha-secret!": None, "alpha": None, "c": None, "": None, None: None}
+    for presented, expected in cases.items():
+        calls.clear()
+        assert match_token(presented, accepted) == expected, presented
+        assert sorted(b for _, b in calls) == sorted(t.encode() for t in accepted), presented
+        assert all(a == (presented or "").encode() for a, _ in calls)
+
+
+def test_wrong_tokens_of_every_length_are_refused():
+    token = "s3cret-Token-42"
+    accepted = (token, "other")
+    wrong = set()
+    for n in range(len(token) + 4):
+        wrong |= {token[:n], "x" * n, token + "x" * n}  # prefixes, junk, the token with a tail
+    wrong |= {token[:i] + chr(ord(token[i]) ^ 1) + token[i + 1:] for i in range(len(token))}  # one char off
+    wrong -= set(accepted)
+    assert len({len(w) for w in wrong}) > len(token)  # every length from empty to longer than the token
+    assert all(match_token(w, accepted) is None for w in wrong)
+    assert match_token(token, accepted) == 0 and match_token("other", accepted) == 1
 
 
 def test_token_bucket():
