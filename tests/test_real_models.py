@@ -10,7 +10,6 @@ import sys
 import numpy as np
 import pytest
 
-from cloud.engine import greedy_reference
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -27,18 +26,31 @@ PROMPTS = [
 N = 24
 
 
+def transformers_greedy(model, ids: list[int], n: int, stop_ids) -> list[int]:
+    """transformers' own greedy decoding (its generate loop and cache, not the verifier's engine),
+    every logits processor off, ending at the first stop id (kept) or after n tokens."""
+    import torch
+
+    stop_ids = sorted(stop_ids)
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=False, num_beams=1,
+                             max_new_tokens=n, min_new_tokens=0, repetition_penalty=1.0,
+                             no_repeat_ngram_size=0, eos_token_id=stop_ids, pad_token_id=stop_ids[0])
+    return out[0, len(ids):].tolist()
+
+
 @pytest.fixture(scope="module")
-def references(real_edge, real_target):
-    """The target alone, greedy, one token per forward pass (in-process, fp32)."""
-    out = {}
-    for prompt, raw in PROMPTS:
-        ids = real_edge.client.encode_prompt(prompt, raw=raw)
-        ref, _ = greedy_reference(real_target.fork(), ids, N, eos_id=None)
-        out[prompt] = (ids, _cut(ref, real_edge.client.stop_ids))
-    return out
+def references(real_edge, on_reference_target):
+    """The target alone, greedy: transformers generate() on the same fp32 weights, loaded apart."""
+    stop_ids = real_edge.client.stop_ids
+    ids = {prompt: real_edge.client.encode_prompt(prompt, raw=raw) for prompt, raw in PROMPTS}
+    refs = on_reference_target(lambda model: {p: transformers_greedy(model, i, N, stop_ids) for p, i in ids.items()})
+    return {prompt: (ids[prompt], _cut(refs[prompt], stop_ids)) for prompt, _ in PROMPTS}
 
 
 def _cut(tokens, stop_ids):
+    """Up to and including the first stop id (generate pads finished rows with pad_token_id)."""
     for i, t in enumerate(tokens):
         if t in stop_ids:
             return tokens[: i + 1]
@@ -72,7 +84,7 @@ def test_edge_mode_is_labelled_not_target_quality(real_edge):
     assert out["target_quality"] is False and out["completions"][0]["token_ids"]
 
 
-def test_sampling_follows_the_target_distribution(real_edge, real_target):
+def test_sampling_follows_the_target_distribution(real_edge, on_reference_target):
     """A broad next-token distribution, 200 one-token answers: the empirical distribution over the
     target's top tokens (plus "other") is within a TV bound of the target's own p.
 
@@ -80,11 +92,18 @@ def test_sampling_follows_the_target_distribution(real_edge, real_target):
     bound 0.25 is about twice that. Recovering from p instead of the residual or accepting every
     draft would move mass towards the draft's favourites (measured in the unit tests).
     """
+    import torch
+
     from sampling import SamplingParams, target_probs
 
     ids = real_edge.client.encode_prompt("My favourite animal is the", raw=True)
-    engine = real_target.fork()
-    p = target_probs(engine.prefill(ids).double().numpy(), SamplingParams(temperature=1.0, top_p=0.95))
+
+    def next_token_logits(model):
+        with torch.inference_mode():
+            return model(input_ids=torch.tensor([ids])).logits[0, -1].double().numpy()
+
+    # the target's own p, from transformers directly (not the verifier's engine)
+    p = target_probs(on_reference_target(next_token_logits), SamplingParams(temperature=1.0, top_p=0.95))
     top = list(np.argsort(-p)[:10])
     n = 200
     counts = np.zeros(11)
