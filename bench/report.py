@@ -20,9 +20,9 @@ from edge_app.energy import joules_per_token
 from edge_app.meters import percentile
 from edge_app.policy import pipeline_rate, sync_rate
 
-SPECULATIVE = ("sync", "pipeline", "hf-assisted")  # must reproduce cloud-only's greedy ids
+SPECULATIVE = ("sync", "pipeline", "auto", "hf-assisted")  # must reproduce cloud-only's greedy ids
 LINK_FREE = ("edge", "hf-assisted")  # measured once, reported on every rtt row
-MODE_ORDER = ("cloud", "sync", "pipeline", "hf-assisted", "edge")
+MODE_ORDER = ("cloud", "sync", "pipeline", "auto", "hf-assisted", "edge")
 BREAK_EVEN_MAX_S = 60.0  # beyond a minute of RTT nobody runs interactive decoding
 
 
@@ -70,7 +70,7 @@ def pool(records: list[dict]) -> dict:
     def total(key: str) -> int | float:
         return sum(r.get(key) or 0 for r in records)
 
-    out = {k: total(k) for k in ("new_tokens", "wall_s", "accepted", "rejected", "rounds",
+    out = {k: total(k) for k in ("new_tokens", "wall_s", "accepted", "rejected", "rounds", "bonus",
                                  "bytes_up", "bytes_down", "draft_s", "draft_steps", "reconnects",
                                  "edge_only_tokens")}
     out["prompts"] = len(records)
@@ -176,6 +176,7 @@ def summarise_run(mode: str, rtt_ms: float, records: list[dict], info: dict, ove
         # transformers does not say how many tokens its assistant drafted: no acceptance rate there
         "acceptance_rate": p["accepted"] / verified if verified and mode != "hf-assisted" else None,
         "mean_accepted": _ratio(p["accepted"], p["rounds"]) if p["rounds"] else None,
+        "tokens_per_pass": tokens_per_pass(p),
         "rounds": p["rounds"],
         "bytes_up_per_token": _ratio(p["bytes_up"], p["new_tokens"]) if mode not in LINK_FREE else None,
         "bytes_down_per_token": _ratio(p["bytes_down"], p["new_tokens"]) if mode not in LINK_FREE else None,
@@ -202,13 +203,86 @@ def summarise_run(mode: str, rtt_ms: float, records: list[dict], info: dict, ove
     return row
 
 
-def add_ratios(rows: list[dict]) -> None:
-    """Speedup vs cloud-only and vs sync at the same RTT, in place."""
+def tokens_per_pass(pooled: dict) -> float | None:
+    """Spec-Bench's mean accepted tokens: tokens committed per verify pass, the recovered or bonus
+    token of the pass included (accepted + rejected + bonus over rounds)."""
+    if not pooled["rounds"]:
+        return None
+    return (pooled["accepted"] + pooled["rejected"] + pooled.get("bonus", 0)) / pooled["rounds"]
+
+
+def mean_of_ratios(records: list[dict], reference: list[dict]) -> float | None:
+    """Spec-Bench's speedup: the mean over prompts of (tokens/s of the mode) / (tokens/s of the
+    reference mode) for the same prompt."""
+    ref = {r["prompt"]: r["new_tokens"] / r["wall_s"] for r in reference if r["wall_s"]}
+    ratios = [(r["new_tokens"] / r["wall_s"]) / ref[r["prompt"]] for r in records
+              if r["wall_s"] and ref.get(r["prompt"])]
+    return mean(ratios) if ratios else None
+
+
+def add_ratios(rows: list[dict], records: list[dict] | None = None) -> None:
+    """Speedup vs cloud-only and vs sync at the same RTT (ratio of pooled rates; and, with the
+    records, Spec-Bench's mean of per-prompt ratios vs cloud-only), in place."""
     by_key = {(r["mode"], r["rtt_ms"]): r for r in rows}
     for r in rows:
         cloud, sync = by_key.get(("cloud", r["rtt_ms"])), by_key.get(("sync", r["rtt_ms"]))
         r["speedup_vs_cloud"] = _ratio(r["tokens_per_s"], cloud["tokens_per_s"]) if cloud else None
         r["speedup_vs_sync"] = _ratio(r["tokens_per_s"], sync["tokens_per_s"]) if sync else None
+        r["speedup_vs_cloud_per_prompt"] = None
+        if records is not None and cloud:
+            key_rtt = None if r["mode"] in LINK_FREE else r["rtt_ms"]
+            mine = [x for x in records if x["mode"] == r["mode"] and x.get("rtt_ms") == key_rtt]
+            ref = [x for x in records if x["mode"] == "cloud" and x.get("rtt_ms") == r["rtt_ms"]]
+            r["speedup_vs_cloud_per_prompt"] = mean_of_ratios(mine, ref)
+        r["ttft_vs_cloud"] = _ratio(r["ttft_s_p50"], cloud["ttft_s_p50"]) if cloud else None
+        best = max((x["tokens_per_s"] or 0.0 for x in rows
+                    if x["rtt_ms"] == r["rtt_ms"] and x["mode"] in ("cloud", "sync", "pipeline")), default=0.0)
+        r["vs_best_fixed_mode"] = _ratio(r["tokens_per_s"], best) if best else None
+
+
+def category_rows(records: list[dict], rtts: list[float], modes: list[str]) -> list[dict]:
+    """Per prompt category, mode and RTT: Spec-Bench's two numbers (tokens per verify pass, mean of
+    per-prompt speedups vs cloud-only) and the pooled tokens/s."""
+    out = []
+    categories = sorted({r.get("category") or "all" for r in records})
+    for rtt in rtts:
+        for cat in categories:
+            in_cat = [r for r in records if (r.get("category") or "all") == cat]
+            ref = [r for r in in_cat if r["mode"] == "cloud" and r.get("rtt_ms") == rtt]
+            for mode in [m for m in MODE_ORDER if m in modes and m not in LINK_FREE]:
+                run = [r for r in in_cat if r["mode"] == mode and r.get("rtt_ms") == rtt]
+                if not run:
+                    continue
+                p = pool(run)
+                out.append({"category": cat, "mode": mode, "rtt_ms": rtt, "prompts": len(run),
+                            "tokens_per_s": _ratio(p["new_tokens"], p["wall_s"]),
+                            "tokens_per_pass": tokens_per_pass(p),
+                            "speedup_vs_cloud_per_prompt": mean_of_ratios(run, ref) if mode != "cloud" else 1.0})
+    return out
+
+
+def format_category_table(rows: list[dict]) -> str:
+    head = ["category", "mode", "rtt ms", "tok/s", "tok/pass", "x cloud (mean/prompt)"]
+    cells = [head] + [[r["category"], r["mode"], _fmt(r["rtt_ms"], "g"), _fmt(r["tokens_per_s"]),
+                       _fmt(r["tokens_per_pass"]), _fmt(r["speedup_vs_cloud_per_prompt"])] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = []
+    for n, line in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_verify_curve(curve: dict) -> str:
+    """T(k) as one line: 'T(k) ms: 1: 367  2: 380  ...  T(8)/T(1) 1.31'."""
+    if not curve:
+        return "T(k): not measured"
+    ks = sorted(int(k) for k in curve)
+    parts = "  ".join(f"{k}: {float(curve[k] if k in curve else curve[str(k)]) * 1e3:.0f}" for k in ks)
+    t = {k: float(curve[k] if k in curve else curve[str(k)]) for k in ks}
+    ratio = f"  T(8)/T(1) {t[8] / t[1]:.2f}" if 1 in t and 8 in t else ""
+    return f"T(k) ms, k drafted tokens in one verify pass: {parts}{ratio}"
 
 
 def build_rows(records: list[dict], run_info: dict, rtts: list[float], modes: list[str]) -> tuple[list[dict], list[dict]]:
@@ -228,7 +302,7 @@ def build_rows(records: list[dict], run_info: dict, rtts: list[float], modes: li
                 if mode in SPECULATIVE and (mode not in LINK_FREE or rtt == rtts[0]):
                     mismatches += bad  # a link-free mode's mismatches are listed once
             rows.append(row)
-    add_ratios(rows)
+    add_ratios(rows, records)
     return rows, mismatches
 
 
@@ -308,7 +382,7 @@ def _fmt(v, spec: str = ".2f", none: str = "-") -> str:
     return format(v, spec)
 
 
-TABLE_COLUMNS = ("mode", "rtt ms", "tok/s", "x cloud", "x sync", "accept", "acc/rnd", "B up/tok",
+TABLE_COLUMNS = ("mode", "rtt ms", "tok/s", "x cloud", "x sync", "x best", "accept", "tok/pass", "B up/tok",
                  "B dn/tok", "TTFT p50 s", "TPOT p50 ms", "TPOT p95 ms", "bound tok/s", "of bound",
                  "J/tok", "exact")
 
@@ -318,7 +392,8 @@ def table_cells(row: dict) -> list[str]:
              f"{row['exact_matches']}/{row['exact_compared']}" if row["exact_compared"] else "-")
     mode = row["mode"] + ("*" if not row["target_quality"] else "") + ("^" if not row["link_used"] else "")
     return [mode, _fmt(row["rtt_ms"], "g"), _fmt(row["tokens_per_s"]), _fmt(row["speedup_vs_cloud"]),
-            _fmt(row["speedup_vs_sync"]), _fmt(row["acceptance_rate"]), _fmt(row["mean_accepted"]),
+            _fmt(row["speedup_vs_sync"]), _fmt(row.get("vs_best_fixed_mode")), _fmt(row["acceptance_rate"]),
+            _fmt(row.get("tokens_per_pass")),
             _fmt(row["bytes_up_per_token"], ".1f"), _fmt(row["bytes_down_per_token"], ".1f"),
             _fmt(row["ttft_s_p50"]), _fmt(row["tpot_ms_p50"], ".0f"), _fmt(row["tpot_ms_p95"], ".0f"),
             _fmt(row["bound_tokens_per_s"]), _fmt(row["fraction_of_bound"], ".0%"),
@@ -379,11 +454,11 @@ def table_notes(rows: list[dict], mismatches: list[dict], breakeven: dict) -> li
 
 
 def build_json(rows: list[dict], setup: dict, breakeven: dict, mismatches: list[dict],
-               records: list[dict], run_info: dict | None = None) -> dict:
-    """The --json document: runs (one per mode and rtt), setup, break-even, and the raw material
-    (every record and per-run measurement), so the numbers can be recomputed from the file."""
+               records: list[dict], run_info: dict | None = None, categories: list[dict] | None = None) -> dict:
+    """The --json document: runs (one per mode and rtt), per-category rows, setup, break-even, and
+    the raw material (every record and per-run measurement), so the numbers can be recomputed."""
     info = [{"mode": mode, "rtt_ms": rtt, **values} for (mode, rtt), values in (run_info or {}).items()]
-    return {"runs": rows, "setup": setup, "break_even_rtt_ms": breakeven,
+    return {"runs": rows, "categories": categories or [], "setup": setup, "break_even_rtt_ms": breakeven,
             "mismatches": mismatches, "per_prompt": records, "run_info": info}
 
 

@@ -23,8 +23,8 @@ from bench.linkproxy import LinkConfig, ThreadedLinkProxy
 from bench.prompt_sets import BenchPrompt
 from bench.report import tpot_samples
 
-LINK_MODES = ("cloud", "sync", "pipeline")
-ALL_MODES = ("edge", "cloud", "sync", "pipeline", "hf-assisted")
+LINK_MODES = ("cloud", "sync", "pipeline", "auto")
+ALL_MODES = ("edge", "cloud", "sync", "pipeline", "auto", "hf-assisted")
 WARMUP_TOKENS = 8
 WARMUP_PROMPT = "Say hello in one short sentence."
 REPLY_TIMEOUT_S = 900.0
@@ -101,13 +101,14 @@ def record_from(mode: str, rtt_ms: float | None, prompt: BenchPrompt, answer, cl
     edge = s.edge or {}
     return {"mode": mode, "rtt_ms": rtt_ms, "prompt": prompt.label, "token_ids": list(answer.token_ids),
             "new_tokens": s.new_tokens, "wall_s": s.wall_s, "ttft_s": s.ttft_s, "accepted": s.accepted,
-            "rejected": s.rejected, "rounds": s.rounds, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
+            "rejected": s.rejected, "bonus": getattr(s, "bonus", 0), "rounds": s.rounds, "bytes_up": s.bytes_up, "bytes_down": s.bytes_down,
             "tpot_s": tpot_samples(clock.commits), "finish_reason": answer.finish_reason,
             "draft_s": edge.get("phases_s", {}).get("draft", 0.0),
             "draft_steps": edge.get("phase_counts", {}).get("draft", 0),
             "verify_s": list(s.verify_s), "block_sizes": list(s.block_sizes),
             "meters_tpot_ms": edge.get("tpot_ms"), "reconnects": getattr(s, "reconnects", 0),
-            "edge_only_tokens": getattr(s, "edge_only_tokens", 0)}
+            "edge_only_tokens": getattr(s, "edge_only_tokens", 0), "category": prompt.set_name,
+            "filled": getattr(s, "filled", 0), "mode_switches": list(getattr(s, "mode_switches", []))}
 
 
 def hf_record(event: dict, prompt: BenchPrompt) -> dict:
@@ -255,11 +256,19 @@ async def _run_mode(client, cfg: BenchConfig, mode: str, rtt: float | None, ids:
                                   "error": f"{type(err).__name__}: {err}"})
             await _reset_link(client)
         progress(f"{mode}@{rtt:g}ms" if rtt is not None else mode, True)
-    info = {"energy": meter.stop(), "client_t_rtt_est_s": client.estimates.get("t_rtt"),
-            "t_verify_est_s": client.estimates.get("t_verify")}
+    est = client.estimates
+    info = {"energy": meter.stop(), "client_t_rtt_est_s": est.t_rtt,
+            "t_verify_est_s": est.verify(max(1, round(_mean_block(result, mode, rtt)))) if est.verify else None,
+            "verify_curve_s": dict(sorted(est.verify.points.items())),
+            "acceptance_est": est.acceptance, "t_draft_est_s": est.t_draft, "t_cloud_est_s": est.t_cloud}
     if wire0:
         info.update(wire_bytes_up=proxy.bytes_up - wire0[0], wire_bytes_down=proxy.bytes_down - wire0[1])
     result.run_info[(mode, rtt)] = info
+
+
+def _mean_block(result: BenchResult, mode: str, rtt: float | None) -> float:
+    sizes = [b for r in result.records if r["mode"] == mode and r["rtt_ms"] == rtt for b in r["block_sizes"]]
+    return sum(sizes) / len(sizes) if sizes else 1.0
 
 
 async def _reset_link(client) -> None:
