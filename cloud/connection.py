@@ -1,10 +1,10 @@
-"""One WebSocket connection on the verifier: its state between the read and work loops, the
-socket itself (which says why before it closes on an oversized message), the hello's checks,
-and TLS."""
+"""One WebSocket connection on the verifier: its state shared by the read and work loops, the
+socket (which says why before it closes on an oversized message), sending, refusing, and TLS."""
 from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -12,9 +12,15 @@ from dataclasses import dataclass, field
 from aiohttp import WSCloseCode, web
 
 import codec
-from cloud.limits import TokenBucket, match_token, op_cost
-from cloud.session import SessionError, VerifySession
-from sampling import SamplingParams
+from cloud.errors import SessionError
+from cloud.limits import TokenBucket, op_cost
+from cloud.metrics import Metrics
+from cloud.session import VerifySession
+
+log = logging.getLogger("picospec.cloud")
+# refusals that are about who the peer is or how it behaves (1008 policy violation), not a
+# malformed stream (1002 protocol error)
+POLICY_CODES = ("unauthorized", "model_mismatch", "rate_limited")
 
 
 @dataclass(eq=False)
@@ -43,6 +49,10 @@ class Conn:
         self.cost -= op_cost(op)
         return op
 
+    def log(self, level: int, event: str, text: str, **fields) -> None:
+        """A log line about this session, its id in a field of its own (see cloud/logs.py)."""
+        log.log(level, "session %s %s", self.sid, text, extra={"session": self.sid, "event": event, **fields})
+
 
 class WebSocket(web.WebSocketResponse):
     """aiohttp closes on an oversized message before the handler sees it: say why first."""
@@ -58,6 +68,35 @@ class WebSocket(web.WebSocketResponse):
         return await super().close(code=code, message=message, drain=drain)
 
 
+def decode_frame(data: bytes, vocab_size: int, max_frame: int):
+    """The message in a frame from the edge, or SessionError with the codec's code."""
+    try:
+        return codec.decode(data, vocab_size=vocab_size, max_frame=max_frame)
+    except codec.CodecError as err:
+        raise SessionError(err.code, err.message)
+
+
+async def send(conn: Conn, msg, metrics: Metrics) -> None:
+    data = codec.encode(msg)
+    metrics.inc("picospec_bytes_down_total", len(data))
+    metrics.inc("picospec_messages_down_total")
+    await conn.ws.send_bytes(data)
+    conn.last_active = time.monotonic()
+
+
+async def refuse(conn: Conn, err: SessionError, metrics: Metrics) -> None:
+    """Say why (an Error message with its code), then close: the other sessions carry on."""
+    metrics.inc("picospec_errors_total", kind=err.code)
+    conn.log(logging.WARNING, "refused", f"refused: {err.code}: {err.message}", code=err.code)
+    ws = conn.ws
+    if not ws.closed:
+        try:
+            await ws.send_bytes(codec.encode(codec.Error(code=err.code, message=err.message[:codec.MAX_STR])))
+        except (ConnectionError, RuntimeError):
+            pass
+        await ws.close(code=1008 if err.code in POLICY_CODES else 1002, message=err.code.encode()[:120])
+
+
 def server_ssl(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     """TLS for wss://: the certificate chain and its key (PEM files); None serves plain ws://."""
     if not cert:
@@ -68,36 +107,3 @@ def server_ssl(cert: str | None, key: str | None) -> ssl.SSLContext | None:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert, key)
     return ctx
-
-
-def check_hello(hello: codec.Hello, tokens: tuple[str, ...], fingerprint: dict,
-                model_name: str) -> tuple[int | None, SamplingParams]:
-    """(which accepted token it presented, its sampling settings), or SessionError saying why not."""
-    which = match_token(hello.token, tokens) if tokens else None
-    if tokens and which is None:
-        raise SessionError("unauthorized", "missing or wrong access token")
-    ok, reason = compatible_fingerprints(hello.fingerprint, fingerprint)
-    if not ok:
-        raise SessionError("model_mismatch", f"the draft cannot work with target {model_name}: {reason}")
-    try:
-        params = SamplingParams(
-            temperature=float(hello.sampling.get("temperature", 0.0)),
-            top_p=float(hello.sampling.get("top_p", 1.0)),
-            top_k=int(hello.sampling.get("top_k", 0)),
-            seed=hello.sampling.get("seed"),
-        ).validate()
-    except (TypeError, ValueError) as err:
-        raise SessionError("bad_message", f"bad sampling settings: {err}")
-    if hello.variant not in ("exact", "paper"):
-        raise SessionError("bad_message", f"unknown variant {hello.variant!r}; use 'exact' or 'paper'")
-    return which, params
-
-
-def compatible_fingerprints(draft: dict, target: dict) -> tuple[bool, str]:
-    """Whether a draft's tokenizer can work with the target's (see models.fingerprint)."""
-    from models.fingerprint import Fingerprint, compatible
-
-    try:
-        return compatible(Fingerprint.from_dict(draft), Fingerprint.from_dict(target))
-    except (KeyError, TypeError, ValueError) as err:
-        return False, f"malformed tokenizer fingerprint: {err}"

@@ -1,347 +1,172 @@
-"""One edge device's verification state on the cloud: committed prefix, KV cache, epoch, RNG.
+"""One edge device's state on the verifier: committed prefix, KV cache, epoch, RNG, draft queue.
 
-Invariant between passes (positions are absolute token indices):
-  - `context` is the committed prefix (prompt + committed output);
-  - the target's cache holds context[:cache_len] with cache_len == len(context) - 1 (the last
-    committed token, a recovered or bonus one, is not fed yet) or cache_len == len(context), in
-    which case `pending_row` holds the target's logits for position len(context): kept from the
-    last row of a pass that was accepted whole, it verifies the next block's first token without
-    any extra forward pass.
+The session owns the state and the rules for changing it; the pieces plug in:
+  cloud/verify.py         the verify step (one pass: accept / recover, apply, roll back)
+  cloud/draft_queue.py    drafted blocks waiting for a pass
+  cloud/paper_variant.py  the paper's variant of the accept / recover rule
+  cloud/fill.py           bubble filling
+The server's per-session work loop (cloud/work_loop.py) makes every call, one at a time; only the
+forward passes (`prefill_chunk`, `verify_pass`, `prepare_next_token`) run on the worker thread.
 
-A pass takes a block of queued drafted tokens, feeds [unfed committed] + [forced] + drafted in ONE
-forward pass and runs the accept / recover rule. A rejection bumps the epoch: every queued draft of
-the old epoch is stale and is dropped.
+Epochs: the cloud decides them. Every message that changes the committed prefix (Prefilled,
+Verdict, Tokens) carries the epoch the edge drafts in from then on; a Draft of another epoch is
+stale and dropped without a word.
 """
 from __future__ import annotations
-
-import time
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from sampling import (
-    SamplingParams,
-    SparseDist,
-    Outcome,
-    sample_dense,
-    target_probs,
-    top_k_sparse,
-    verify_block,
-    verify_block_greedy,
-    verify_token,
-)
+from cloud.draft_queue import Block, DraftQueue
+from cloud.errors import SessionError
+from cloud.fill import BubbleFill, NoFill
+from cloud.paper_variant import PaperRule
+from cloud.verify import ExactRule, sample_target
+from sampling import SamplingParams
+
+NO_FILL = NoFill()
 
 
-class SessionError(Exception):
-    """A protocol violation by the edge: closes that session only."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-@dataclass
-class Block:
-    """Drafted tokens taken from the queue for one pass.
-
-    pos: absolute position of ids[0]; forced: ids the edge already decided (the paper variant's
-    recovered token), committed without a test; dists / q_scalar: one per drafted id, or None.
-    """
-
-    epoch: int
-    pos: int
-    ids: list[int]
-    dists: list[SparseDist] | None = None
-    q_scalar: list[float] | None = None
-    forced: list[int] = field(default_factory=list)
-    wait: bool = False
-    seq: int = 0
-
-
-@dataclass
-class PassResult:
-    """What one verify pass decided, before it is applied to the session."""
-
-    accepted: int
-    token: int | None
-    kind: str  # "" (accepted whole), "recovered", "bonus", "rejected" (paper variant)
-    top_ids: list[int] | None
-    top_probs: list[float] | None
-    pending_row: torch.Tensor | None
-    keep_cache: int
-    verify_s: float
+def make_rule(variant: str, params: SamplingParams, paper_top_k: int = 8) -> ExactRule:
+    """The accept / recover rule of a Hello's variant ("exact" or "paper")."""
+    if variant == "paper":
+        return PaperRule(params, paper_top_k)
+    if variant == "exact":
+        return ExactRule(params)
+    raise SessionError("bad_message", f"unknown variant {variant!r}; use 'exact' or 'paper'")
 
 
 class VerifySession:
-    """The cloud half of one edge session. Not thread-safe: one op at a time (the server's
-    per-session work loop guarantees it); `compute_pass` may run on a worker thread."""
+    """The cloud half of one edge session. Not thread-safe: one call at a time."""
 
-    def __init__(self, engine, params: SamplingParams, variant: str = "exact",
-                 paper_top_k: int = 8, eos_id: int | None = None, max_context: int = 32768,
-                 max_queued_entries: int = 1 << 21):
+    def __init__(self, engine, params: SamplingParams, variant: str = "exact", paper_top_k: int = 8,
+                 eos_id: int | None = None, max_context: int = 32768, max_queued_entries: int = 1 << 21):
         self.engine = engine
         self.params = params
-        self.variant = variant
-        self.paper_top_k = paper_top_k
+        self.rule = make_rule(variant, params, paper_top_k)
         self.eos_id = eos_id
         self.max_context = max_context
-        # drafted ids plus their distributions' entries waiting in `queue`: what a hostile edge
-        # could make this session hold beyond its KV cache
-        self.max_queued_entries = max_queued_entries
-        self.queued_entries = 0
         self.rng = np.random.default_rng(params.seed)
-        self.context: list[int] = []
-        self.pending_row: torch.Tensor | None = None
-        self.awaiting_forced = False
+        self.committed: list[int] = []  # prompt + answer so far, as both sides agree
+        self.prompt_len = 0  # 0 until a prompt is prefilled
+        self.max_new_tokens = 0  # the Prompt's answer budget
+        self.pending_row: torch.Tensor | None = None  # see cloud/verify.py: the cache invariant
         self.epoch = 0
-        self.max_new_tokens = 0
-        self.prompt_len = 0
-        self.queue: list[Block] = []
-        # bubble filling: after a correction, until fresh drafts arrive, the cloud commits target
-        # tokens of its own (exact: sampled from p) so that the verifier never idles
-        self.fill = False
-        self.in_bubble = False
-        self.extended = 0
-        # counters for /metrics and stats
+        self.queue = DraftQueue(max_queued_entries)
+        self.fill: NoFill = NO_FILL
+        # counters for /metrics and the close log
         self.drafted = 0
         self.accepted = 0
         self.passes = 0
+        self.filled = 0
 
-    # -- the committed prefix ----------------------------------------------------------------
+    @property
+    def variant(self) -> str:
+        return self.rule.name
+
+    @property
+    def generated(self) -> int:
+        """Answer tokens committed since the prompt."""
+        return len(self.committed) - self.prompt_len
+
+    @property
+    def budget_left(self) -> int:
+        """Answer tokens still allowed by the Prompt's max_new_tokens."""
+        return self.max_new_tokens - self.generated
+
+    @property
+    def queued_entries(self) -> int:
+        return self.queue.entries
+
+    # -- a prompt ------------------------------------------------------------------------------
     def begin_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        """Check a new context and roll the cache back to the common prefix; returns the ids still
-        to prefill (the server feeds them chunk by chunk, so other sessions' passes interleave)."""
+        """Check a new committed prefix and roll the cache back to what it shares with the old one;
+        returns the ids still to prefill (the caller feeds them chunk by chunk, `prefill_chunk`)."""
         if not ids:
             raise SessionError("bad_message", "the prompt is empty")
         if len(ids) + max_new_tokens > self.max_context:
             raise SessionError("too_large", f"prompt {len(ids)} + {max_new_tokens} new tokens exceeds "
                                             f"the context limit {self.max_context}")
-        keep = min(self.engine.common_prefix_keep(self.context, ids), len(ids) - 1)
+        keep = min(self.engine.common_prefix_keep(self.committed, ids), len(ids) - 1)
         self.engine.rollback(keep)
-        # the context is unknown until end_prompt: an interrupted prefill leaves nothing to reuse
-        self.context, self.prompt_len, self.pending_row = [], 0, None
+        # nothing is committed until end_prompt: an interrupted prefill leaves nothing to reuse
+        self.committed, self.prompt_len, self.pending_row = [], 0, None
         return ids[keep:]
 
+    def prefill_chunk(self, ids: list[int]) -> torch.Tensor:
+        """Feed prompt ids (worker thread); returns the last row's logits [V]."""
+        return self.engine.forward(ids)[-1]
+
     def end_prompt(self, ids: list[int], max_new_tokens: int, last_row: torch.Tensor,
-                   fill: bool = False) -> None:
-        self.fill = fill and self.variant == "exact"
-        self.in_bubble = self.fill  # the edge is drafting its first block: fill the wait
-        self.context = list(ids)
-        self.pending_row = last_row
-        self.awaiting_forced = False
-        self.epoch += 1
-        self._clear_queue()
+                   fill: bool = False) -> int | None:
+        """The prompt is in the cache (last_row: the logits after it). Commits the answer's first
+        token, sampled from last_row, when max_new_tokens > 0 and returns it (Prefilled.token)."""
+        self.committed = list(ids)
         self.prompt_len = len(ids)
         self.max_new_tokens = max_new_tokens
-
-    def _clear_queue(self) -> None:
+        self.pending_row = last_row
+        self.rule.reset()
+        self.fill = BubbleFill() if fill and self.rule.allows_fill else NO_FILL
+        self.epoch += 1
         self.queue.clear()
-        self.queued_entries = 0
+        return self.commit_next_token() if max_new_tokens > 0 else None
 
-    @property
-    def generated(self) -> int:
-        return len(self.context) - self.prompt_len
-
-    # -- the draft queue ---------------------------------------------------------------------
-    def expected_pos(self) -> int:
-        queued = sum(len(b.forced) + len(b.ids) for b in self.queue)
-        return len(self.context) + queued
-
+    # -- drafts --------------------------------------------------------------------------------
     def add_draft(self, block: Block) -> bool:
-        """Queue a drafted block; False if it is stale (an older epoch), raises if malformed."""
+        """Queue a drafted block; False if it is stale (another epoch, or contradicted by filled
+        tokens); SessionError if it breaks the protocol."""
         if block.epoch != self.epoch:
             return False
         if not self.prompt_len:
             raise SessionError("bad_message", "a draft arrived before any prompt")
-        if block.pos < len(self.context) and not self.queue and self.fill and not block.forced:
-            if not self._strip_filled(block):
+        if not self.queue:
+            stripped = self.fill.overlap(block, self.committed)
+            if stripped is None:
+                self.correct()
                 return False
-            if not block.ids:
-                return True
-        self.in_bubble = False
-        if block.pos != self.expected_pos():
-            raise SessionError("bad_message", f"draft for position {block.pos}, expected {self.expected_pos()}")
-        if self.awaiting_forced and not self.queue and not block.forced:
-            raise SessionError("bad_message", "the paper variant expects the recovered token first")
-        if block.forced and not (self.awaiting_forced and not self.queue):
-            raise SessionError("bad_message", "a forced token is only allowed right after a rejection")
-        if not self.params.greedy and self.variant == "exact" and block.dists is None and block.ids:
-            raise SessionError("bad_message", "sampling drafts must carry their distributions")
-        if not self.params.greedy and self.variant == "paper" and block.q_scalar is None and block.ids:
-            raise SessionError("bad_message", "paper-variant drafts must carry q(x)")
-        if not block.ids and not block.forced:
-            raise SessionError("bad_message", "an empty draft")
-        if self.expected_pos() + len(block.forced) + len(block.ids) > self.max_context:
-            raise SessionError("too_large", "the draft runs past the context limit")
-        entries = _entries(block)
-        if self.queued_entries + entries > self.max_queued_entries:
-            raise SessionError("overloaded", "too many drafted tokens waiting for verification")
-        self.queued_entries += entries
-        self.queue.append(block)
+            if not stripped.ids and block.ids:
+                return True  # every id was filled already, and matched
+            block = stripped
+        self.fill.close_bubble()
+        self.rule.check(block, queue_empty=not self.queue)
+        self.queue.push(block, len(self.committed), self.max_context)
         return True
 
-    def _strip_filled(self, block: Block) -> bool:
-        """Drafts for positions the cloud has already filled: those that match are dropped from
-        the block; a mismatch makes the rest stale (epoch bump), exactly as the edge decides when it
-        sees the same filled tokens against the same sent drafts."""
-        overlap = min(len(block.ids), len(self.context) - block.pos)
-        if block.ids[:overlap] != self.context[block.pos:block.pos + overlap]:
-            self._correct()
-            return False
-        block.ids = block.ids[overlap:]
-        if block.dists is not None:
-            block.dists = block.dists[overlap:]
-        if block.q_scalar is not None:
-            block.q_scalar = block.q_scalar[overlap:]
-        block.pos += overlap
-        return True
+    def take_block(self, max_block: int) -> Block | None:
+        return self.queue.take(max_block)
 
-    def _correct(self) -> None:
-        """The committed prefix now differs from the edge's drafts: they are all stale."""
+    def correct(self) -> None:
+        """The committed prefix no longer follows the edge's drafts: they are all stale."""
         self.epoch += 1
-        self._clear_queue()
-        self.in_bubble = self.fill
+        self.queue.clear()
+        self.fill.open_bubble()
 
-    # -- bubble filling ----------------------------------------------------------------------
-    def can_fill(self) -> bool:
-        """Idle, asked to, and nothing fresh to verify: commit a target token of our own."""
-        last = self.context[-1] if self.context else None
-        return (self.fill and self.in_bubble and not self.queue and self.prompt_len > 0
-                and self.generated < self.max_new_tokens and last != self.eos_id)
-
-    def prepare_fill(self) -> None:
-        """The forward pass a filled token needs (worker thread). Its row is kept as pending, so
-        if a draft arrives meanwhile it verifies that draft's first token instead."""
+    # -- target tokens of the cloud's own: Prefilled, filled and cloud-only tokens ---------------
+    def prepare_next_token(self) -> None:
+        """The forward pass the next own token needs (worker thread), unless a row is pending.
+        The row stays pending: if a draft arrives meanwhile, it verifies that draft's first id."""
         if self.pending_row is None:
-            self.pending_row = self.engine.forward(self.context[self.engine.cache_len:])[-1]
+            self.pending_row = self.engine.forward(self.committed[self.engine.cache_len:])[-1]
 
-    def commit_fill(self) -> int:
-        """Sample the next token from the target's own distribution and commit it."""
-        self.extended += 1
-        return self._commit_sampled()
-
-    def _commit_sampled(self) -> int:
-        token = self._sample(self.pending_row)
-        self.context.append(token)
+    def commit_next_token(self) -> int:
+        """Sample the next token from the pending row (argmax when greedy) and commit it."""
+        token = sample_target(self.pending_row, self.params, self.rng)
+        self.committed.append(token)
         self.pending_row = None
         return token
 
-    def take_block(self, max_block: int) -> Block | None:
-        """Merge queued blocks (in order) into one pass of at most max_block drafted tokens."""
-        if not self.queue:
-            return None
-        first = self.queue.pop(0)
-        self.queued_entries -= _entries(first)
-        merged = Block(first.epoch, first.pos + len(first.forced), list(first.ids),
-                       list(first.dists) if first.dists is not None else None,
-                       list(first.q_scalar) if first.q_scalar is not None else None,
-                       list(first.forced), first.wait, first.seq)
-        while self.queue and len(merged.ids) + len(self.queue[0].ids) <= max_block and not self.queue[0].forced:
-            nxt = self.queue.pop(0)
-            self.queued_entries -= _entries(nxt)
-            merged.ids += nxt.ids
-            if merged.dists is not None and nxt.dists is not None:
-                merged.dists += nxt.dists
-            if merged.q_scalar is not None and nxt.q_scalar is not None:
-                merged.q_scalar += nxt.q_scalar
-            merged.wait, merged.seq = nxt.wait, nxt.seq
-        # a block longer than max_block is verified in pieces: put the tail back
-        if len(merged.ids) > max_block:
-            tail = Block(merged.epoch, merged.pos + max_block, merged.ids[max_block:],
-                         merged.dists[max_block:] if merged.dists is not None else None,
-                         merged.q_scalar[max_block:] if merged.q_scalar is not None else None,
-                         [], merged.wait, merged.seq)
-            merged.ids = merged.ids[:max_block]
-            merged.dists = merged.dists[:max_block] if merged.dists is not None else None
-            merged.q_scalar = merged.q_scalar[:max_block] if merged.q_scalar is not None else None
-            merged.wait = False
-            self.queue.insert(0, tail)
-            self.queued_entries += _entries(tail)
-        return merged
+    def wants_fill(self) -> bool:
+        return self.fill.wants_token(self)
 
-    # -- one verify pass ---------------------------------------------------------------------
-    def compute_pass(self, block: Block) -> PassResult:
-        """Feed [unfed committed] + forced + drafted in one forward pass; decide the verdict.
+    def commit_fill(self) -> int:
+        self.filled += 1
+        return self.commit_next_token()
 
-        Touches only the engine and the RNG, so it can run off the event loop.
-        """
-        t0 = time.perf_counter()
-        cache_before = self.engine.cache_len
-        unfed = self.context[cache_before:]
-        feed = unfed + block.forced + block.ids
-        rows = self.engine.forward(feed)  # [len(feed), V]
-        base = len(unfed) + len(block.forced) - 1  # row predicting block.ids[0]
-
-        def row(i: int) -> torch.Tensor:
-            return rows[base + i] if base + i >= 0 else self.pending_row
-
-        k = len(block.ids)
-        committed_before = len(self.context) + len(block.forced)
-        verdict = self._decide([row(i) for i in range(k)], block)
-        n = verdict.accepted
-        if n < k:  # rejected at position n: keep the cache up to the accepted prefix
-            if self.variant == "paper" and not self.params.greedy:
-                p = target_probs(row(n).double().numpy(), self.params)
-                top_ids, top_probs = top_k_sparse(p, self.paper_top_k)
-                return PassResult(n, None, "rejected", top_ids.tolist(), top_probs.tolist(), row(n),
-                                  committed_before + n, time.perf_counter() - t0)
-            return PassResult(n, verdict.recovered, "recovered", None, None, None,
-                              committed_before + n, time.perf_counter() - t0)
-        # accepted whole: the last row is the target's distribution for the next position
-        next_row = rows[-1]
-        room = self.generated + len(block.forced) + k < self.max_new_tokens
-        last = (block.forced + block.ids)[-1:] or self.context[-1:]
-        if block.wait and room and last != [self.eos_id]:
-            bonus = self._sample(next_row)
-            return PassResult(k, bonus, "bonus", None, None, None, committed_before + k,
-                              time.perf_counter() - t0)
-        return PassResult(k, None, "", None, None, next_row, committed_before + k, time.perf_counter() - t0)
-
-    def _decide(self, target_rows: list[torch.Tensor], block: Block) -> Outcome:
-        if not block.ids:
-            return Outcome(0, None)
-        if self.params.greedy:
-            argmax = [int(torch.argmax(r)) for r in target_rows]
-            return verify_block_greedy(block.ids, argmax)
-        probs = [target_probs(r.double().numpy(), self.params) for r in target_rows]
-        if self.variant == "paper":
-            for j, (x, qx, p) in enumerate(zip(block.ids, block.q_scalar, probs)):
-                if not verify_token(x, qx, p, self.rng):
-                    return Outcome(j, None)
-            return Outcome(len(block.ids), None)
-        return verify_block(block.ids, block.dists, probs, self.rng)
-
-    def _sample(self, logits: torch.Tensor) -> int:
-        if self.params.greedy:
-            return int(torch.argmax(logits))
-        return sample_dense(target_probs(logits.double().numpy(), self.params), self.rng)
-
-    def apply_pass(self, block: Block, result: PassResult) -> int:
-        """Commit a pass's outcome; returns the epoch the edge must draft in from now on."""
-        self.passes += 1
-        self.drafted += len(block.ids)
-        self.accepted += result.accepted
-        self.context += block.forced + block.ids[: result.accepted]
-        self.engine.rollback(result.keep_cache)
-        self.pending_row = result.pending_row
-        self.awaiting_forced = result.kind == "rejected"
-        if result.token is not None:
-            self.context.append(result.token)
-        if result.kind:  # the edge's later drafts no longer follow the committed prefix
-            self.in_bubble = self.fill
-            self.epoch += 1
-            self._clear_queue()
-        return self.epoch
-
-    # -- cloud-only decoding -----------------------------------------------------------------
-    def next_target_token(self) -> int:
-        """Cloud-only mode: sample (or argmax) one target token and commit it."""
-        self.prepare_fill()
-        return self._commit_sampled()
-
-
-def _entries(block: Block) -> int:
-    """Memory a queued block holds, in ids: its tokens and their distributions' supports."""
-    return len(block.ids) + len(block.forced) + sum(len(d.ids) for d in block.dists or ())
+    def generate_limit(self, max_new_tokens: int) -> int:
+        """How many cloud-only tokens a Generate may add: its own count, capped by the Prompt's
+        budget and the context; 0 once the answer has ended with eos."""
+        if not self.prompt_len:
+            raise SessionError("bad_message", "generate before any prompt")
+        if self.generated and self.committed[-1] == self.eos_id:
+            return 0
+        return max(0, min(max_new_tokens, self.budget_left, self.max_context - len(self.committed)))

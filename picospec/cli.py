@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "chat": "edge_app.repl",
     "demo": "edge_app.demo",
     "edge-serve": "edge_app.openai_server",
-    "load": "cloud.loadtest",
+    "load": "bench.loadtest",
 }
 
 

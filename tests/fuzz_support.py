@@ -264,8 +264,9 @@ class HostileEdge:
     async def prompt(self, ids: list[int], max_new: int) -> None:
         await self.send(codec.Prompt(ids=ids, max_new_tokens=max_new))
         m = await self.reply()
-        if isinstance(m, codec.Prefilled):
-            self.committed, self.epoch, self.awaiting_forced = list(ids), m.epoch, False
+        if isinstance(m, codec.Prefilled):  # the answer's first token comes with it
+            self.committed = list(ids) + ([m.token] if m.token is not None else [])
+            self.epoch, self.awaiting_forced = m.epoch, False
 
     async def generate(self, n: int) -> None:
         await self.send(codec.Generate(max_new_tokens=n))
@@ -325,4 +326,4 @@ class HostileEdge:
         m = await self.reply()
         if isinstance(m, codec.Verdict):
             self.committed += ids[:forced] + ids[forced:][:m.accepted] + ([m.token] if m.token is not None else [])
-            self.epoch, self.awaiting_forced = m.new_epoch, m.kind == "recover_on_edge"
+            self.epoch, self.awaiting_forced = m.new_epoch, m.kind is codec.VerdictKind.RECOVER_ON_EDGE

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from cloud.engine import TargetEngine
-from cloud.loadtest import LoadConfig, run_load, summary
-from cloud.replay import ReplayDrafter
+from bench.loadtest import LoadConfig, run_load, summary
+from bench.replay import ReplayDrafter
 from cloud.server import ServerConfig
 from tests.tiny import tiny_model
 from tests.tiny_edge import Verifier

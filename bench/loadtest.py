@@ -2,7 +2,7 @@
 
 Four phases over the same prompts (one per session):
   1. reference   each prompt alone in cloud mode: the target's own greedy answer
-  2. solo        each session alone, pipeline mode, with a replay edge (cloud/replay.py)
+  2. solo        each session alone, pipeline mode, with a replay edge (bench/replay.py)
   3. concurrent  all sessions at once
   4. idle        a few sessions at once nap mid-answer past the verifier's idle timeout, are
                  evicted, and resume (reconnect, re-send the committed prefix)
@@ -85,7 +85,9 @@ async def reference(url: str, fingerprint: dict, prompt: list[int], n: int) -> l
         out: list[int] = []
         while True:
             msg = await link.recv()
-            if isinstance(msg, codec.Tokens):
+            if isinstance(msg, codec.Prefilled) and msg.token is not None:
+                out.append(msg.token)  # the answer's first token comes with the prefill
+            elif isinstance(msg, codec.Tokens):
                 out += msg.ids
                 if msg.done:
                     return out
@@ -95,7 +97,7 @@ async def reference(url: str, fingerprint: dict, prompt: list[int], n: int) -> l
 
 async def one_session(url: str, fingerprint: dict, prompt: list[int], ref: list[int], cfg: LoadConfig,
                       index: int, nap: bool) -> dict:
-    from cloud.replay import ReplayDrafter, TimedClient
+    from bench.replay import ReplayDrafter, TimedClient
     from edge_app.client import EdgeConfig
     from edge_app.pipeline import GenerateOptions
 

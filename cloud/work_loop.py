@@ -1,0 +1,146 @@
+"""A session's work loop: the edge's messages, in order, turned into work for the scheduler.
+
+  Prompt    -> prefill, chunk by chunk (other sessions' passes run between chunks) -> Prefilled
+  Draft     -> queue it; verify what is queued, pass after pass, merging drafts that arrive
+               meanwhile -> one Verdict per pass
+  Generate  -> cloud-only decoding, one token per pass -> Tokens
+  (nothing) -> bubble filling, when the session's fill strategy wants a token -> Tokens
+Only this loop touches its session, so no session state needs a lock; the forward passes run on
+the scheduler's worker.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import codec
+from cloud.connection import Conn, refuse, send
+from cloud.draft_queue import Block
+from cloud.errors import SessionError
+from cloud.metrics import Metrics
+from cloud.scheduler import Scheduler, Work
+from cloud.verify import apply_pass, verify_pass
+
+PREFILL_CHUNK = 512  # prompt tokens per forward pass; other sessions' passes run between chunks
+
+
+class WorkLoop:
+    """config: ServerConfig (max_block); may_fill(): whether the verifier is lightly shared enough
+    for bubble filling now."""
+
+    def __init__(self, conn: Conn, scheduler: Scheduler, metrics: Metrics, config,
+                 may_fill: Callable[[], bool]):
+        self.conn, self.session = conn, conn.session
+        self.scheduler, self.metrics, self.config, self.may_fill = scheduler, metrics, config, may_fill
+
+    async def run(self) -> None:
+        conn = self.conn
+        try:
+            while True:
+                while not conn.ops:
+                    if self.session.wants_fill():
+                        await self.fill_one()
+                        continue
+                    conn.wake.clear()
+                    await conn.wake.wait()
+                op = conn.pop()
+                conn.busy = True
+                await self.handle(op)
+                conn.busy = False
+                conn.last_active = time.monotonic()
+        except SessionError as err:
+            await refuse(conn, err, self.metrics)
+        except (ConnectionError, RuntimeError) as err:  # the edge went away mid-send
+            conn.log(logging.INFO, "lost", f"connection lost: {err}")
+        except Exception as err:  # a bug here must cost this session only, and say so
+            logging.getLogger("picospec.cloud").exception(
+                "session %s: internal error", conn.sid, extra={"session": conn.sid})
+            await refuse(conn, SessionError("internal", f"the verifier failed: {type(err).__name__}"), self.metrics)
+
+    async def handle(self, op) -> None:
+        if isinstance(op, codec.Prompt):
+            await self.prefill(op)
+        elif isinstance(op, codec.Draft):
+            self.queue_draft(op)
+            await self.verify_queued()
+        elif isinstance(op, codec.Generate):
+            await self.generate(op.max_new_tokens)
+        else:
+            raise SessionError("bad_message", f"unexpected {type(op).__name__} from the edge")
+
+    async def compute(self, kind: str, fn, *args):
+        return await self.scheduler.submit(Work(kind, self.session, lambda: fn(*args)))
+
+    # -- Prompt -> Prefilled -------------------------------------------------------------------
+    async def prefill(self, op: codec.Prompt) -> None:
+        session = self.session
+        t0 = time.perf_counter()
+        rest = session.begin_prompt(op.ids, op.max_new_tokens)
+        last = None
+        for start in range(0, len(rest), PREFILL_CHUNK):
+            last = await self.compute("prefill", session.prefill_chunk, rest[start:start + PREFILL_CHUNK])
+        token = session.end_prompt(op.ids, op.max_new_tokens, last, fill=op.fill and self.may_fill())
+        seconds = time.perf_counter() - t0
+        self.metrics.observe("picospec_prefill_seconds", seconds)
+        self.metrics.inc("picospec_prefill_tokens_total", len(rest))
+        await send(self.conn, codec.Prefilled(committed_len=len(session.committed), epoch=session.epoch,
+                                              prefill_s=seconds, token=token), self.metrics)
+
+    # -- Draft -> Verdict ----------------------------------------------------------------------
+    def queue_draft(self, op: codec.Draft) -> None:
+        if not self.session.add_draft(Block.from_draft(op)):
+            self.metrics.inc("picospec_stale_drafts_total", len(op.ids))
+
+    async def verify_queued(self) -> None:
+        """Verify what is queued, pass after pass; drafts that arrived during a pass join the next."""
+        conn, session, m = self.conn, self.session, self.metrics
+        while True:
+            while conn.ops and isinstance(conn.ops[0], codec.Draft):
+                self.queue_draft(conn.pop())
+            block = session.take_block(self.config.max_block)
+            if block is None:
+                return
+            work = Work("verify", session, lambda: verify_pass(session, block))
+            result = await self.scheduler.submit(work)
+            epoch = apply_pass(session, block, result)
+            m.inc("picospec_verify_passes_total")
+            m.inc("picospec_drafted_tokens_total", len(block.drafted))
+            m.inc("picospec_accepted_tokens_total", result.accepted)
+            m.observe("picospec_verify_seconds", result.verify_s)
+            m.observe("picospec_verify_wait_seconds", work.waited_s)  # behind other sessions' work
+            await send(conn, codec.Verdict(
+                epoch=block.epoch, pos=block.pos, accepted=result.accepted, token=result.token,
+                kind=result.kind, new_epoch=epoch, verify_s=result.verify_s,
+                top_ids=result.top_ids, top_probs=result.top_probs, seq=block.seq, fed=result.fed), m)
+
+    # -- nothing to verify -> filled Tokens ----------------------------------------------------
+    async def fill_one(self) -> None:
+        """One target token of the cloud's own while the edge drafts. If a draft arrives during the
+        pass, the pass's row verifies that draft instead and nothing is sampled."""
+        session = self.session
+        await self.compute("fill", session.prepare_next_token)
+        if self.conn.ops or not session.wants_fill():
+            return
+        token = session.commit_fill()
+        self.metrics.inc("picospec_filled_tokens_total")
+        await send(self.conn, codec.Tokens(pos=len(session.committed) - 1, ids=[token], done=False,
+                                           epoch=session.epoch), self.metrics)
+
+    # -- Generate -> Tokens --------------------------------------------------------------------
+    async def generate(self, max_new_tokens: int) -> None:
+        """Cloud-only decoding: one target token per pass, streamed as it is committed, up to
+        max_new_tokens and never past the Prompt's budget."""
+        session = self.session
+        limit = session.generate_limit(max_new_tokens)
+        for i in range(limit):
+            await self.compute("decode", session.prepare_next_token)
+            token = session.commit_next_token()
+            self.metrics.inc("picospec_generated_tokens_total")
+            done = token == session.eos_id or i == limit - 1
+            await send(self.conn, codec.Tokens(pos=len(session.committed) - 1, ids=[token], done=done,
+                                               epoch=session.epoch), self.metrics)
+            if done:
+                return
+        await send(self.conn, codec.Tokens(pos=len(session.committed), ids=[], done=True,
+                                           epoch=session.epoch), self.metrics)
