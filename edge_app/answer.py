@@ -13,6 +13,7 @@ from typing import Callable
 import numpy as np
 
 from edge_app.meters import EdgeMeters
+from edge_app.stats import derived
 from sampling import SamplingParams
 
 MODES = ("auto", "pipeline", "sync", "cloud", "edge")
@@ -32,16 +33,6 @@ class GenerateOptions:
     fill: bool = True  # pipeline: let the cloud fill its idle bubbles with target tokens
     run_ahead: int | None = None  # max unverified drafted tokens; None = 2 x block
     stop_ids: tuple[int, ...] = ()
-
-
-def acceptance_rate(accepted: int, rejected: int) -> float | None:
-    """Per-token acceptance: accepted drafted tokens over drafted tokens the cloud tested.
-
-    A rejected token is one the cloud tested and replaced by a recovered token; drafts thrown away
-    unverified (stale after a correction) are not counted either way.
-    """
-    tested = accepted + rejected
-    return accepted / tested if tested else None
 
 
 @dataclass
@@ -68,7 +59,7 @@ class GenerationStats:
     edge: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {
+        counts = {
             "mode": self.mode,
             "drafted": self.drafted,
             "accepted": self.accepted,
@@ -81,20 +72,16 @@ class GenerationStats:
             "filled": self.filled,
             "mode_switches": list(self.mode_switches),
             "edge_only_tokens": self.edge_only_tokens,
-            "acceptance_rate": acceptance_rate(self.accepted, self.rejected),
-            "mean_accepted_per_round": self.accepted / self.rounds if self.rounds else None,
             "bytes_up": self.bytes_up,
             "bytes_down": self.bytes_down,
-            "bytes_up_per_token": self.bytes_up / self.new_tokens if self.new_tokens else None,
-            "bytes_down_per_token": self.bytes_down / self.new_tokens if self.new_tokens else None,
             "wall_s": self.wall_s,
             "ttft_s": self.ttft_s,
             "new_tokens": self.new_tokens,
-            "tokens_per_s": self.new_tokens / self.wall_s if self.wall_s > 0 else None,
             "mean_block": float(np.mean(self.block_sizes)) if self.block_sizes else None,
             "mean_verify_s": float(np.mean(self.verify_s)) if self.verify_s else None,
             "edge": self.edge,
         }
+        return {**counts, **derived(counts)}
 
 
 @dataclass

@@ -29,6 +29,7 @@ from edge_app.answer import AnswerState
 from edge_app.draft_model import DraftModel, resync
 from edge_app.link import CloudLink
 from edge_app.policy import Estimates, Plan, ema
+from edge_app.stats import acceptance_rate
 from edge_app.variants import ExactVariant, PaperVariant
 from sampling import SparseDist, draft_dist, sample_sparse
 
@@ -266,6 +267,5 @@ class SpeculativeLoop:
             self.est.t_rtt = ema(self.est.t_rtt, rtt, 0.3)
 
     def _update_acceptance(self) -> None:
-        tested = self.stats.accepted + self.stats.rejected
-        if tested >= 4:
-            self.est.acceptance = self.stats.accepted / tested
+        if self.stats.accepted + self.stats.rejected >= 4:  # a few tests before trusting the rate
+            self.est.acceptance = acceptance_rate(self.stats.accepted, self.stats.rejected)
