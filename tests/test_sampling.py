@@ -762,3 +762,168 @@ def test_large_vocabulary_truncation_matches_a_full_sort():
             before = np.cumsum(p[kept]) - p[kept]
             kept = kept[before < top_p * p[kept].sum()] if top_p < 1 else kept
             assert set(np.flatnonzero(fast)) == set(kept.tolist())
+
+
+# --------------------------------------------------------------------------------------------
+# The fast sampling rows are the old ones, bit for bit
+# --------------------------------------------------------------------------------------------
+# The implementation before the fast rows (commit e32d7b1), kept verbatim as the reference.
+def _reference_softmax(logits, temperature=1.0):
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max()
+    e = np.exp(z)
+    return e / e.sum()
+
+
+def _reference_truncate_probs(probs, top_k=0, top_p=1.0):
+    if top_k <= 0 and top_p >= 1.0:
+        return probs
+    order = _reference_descending(probs, top_k, top_p)
+    if top_k > 0:
+        order = order[:top_k]
+    kept_p = probs[order]
+    if top_p < 1.0:
+        mass_before = np.cumsum(kept_p) - kept_p
+        total = kept_p.sum() if top_k > 0 else probs.sum()
+        keep = mass_before < top_p * total
+        keep[0] = True
+        order = order[keep]
+        kept_p = kept_p[keep]
+    out = np.zeros_like(probs)
+    out[order] = kept_p / kept_p.sum()
+    return out
+
+
+def _reference_descending(probs, top_k, top_p):
+    need = top_k if top_k > 0 else 1024
+    if len(probs) <= 4 * max(need, 1024):
+        return np.argsort(-probs, kind="stable")
+    threshold = np.partition(probs, len(probs) - need)[len(probs) - need]
+    head = np.flatnonzero(probs >= threshold)
+    if top_k <= 0 and probs[head].sum() < top_p * probs.sum():
+        return np.argsort(-probs, kind="stable")
+    return head[np.lexsort((head, -probs[head]))]
+
+
+def _reference_target_probs(logits, params):
+    if params.greedy:
+        p = np.zeros(len(logits), dtype=np.float64)
+        p[int(np.argmax(logits))] = 1.0
+        return p
+    return _reference_truncate_probs(
+        _reference_softmax(logits, params.temperature), params.top_k, params.top_p
+    )
+
+
+def _reference_draft_dist(logits, params, resolution=DRAFT_RESOLUTION):
+    if params.greedy:
+        top = int(np.argmax(logits))
+        return SparseDist(np.array([top], dtype=np.int64), np.array([1], dtype=np.int64))
+    p = _reference_target_probs(logits, params)
+    weights = np.rint(p * resolution).astype(np.int64)
+    weights[int(np.argmax(p))] = max(1, int(weights[int(np.argmax(p))]))
+    ids = np.flatnonzero(weights).astype(np.int64)
+    return SparseDist(ids, weights[ids])
+
+
+BIG_V = 151_936
+ROW_SETTINGS = [
+    (0.7, 0, 0.9), (0.8, 0, 0.95), (1.0, 0, 0.9), (1.0, 40, 0.95), (0.7, 50, 1.0), (1.0, 0, 1.0),
+    (0.9, 1, 0.9), (1.0, 2000, 0.99), (1.3, 0, 0.5), (0.0, 0, 0.9), (1e-4, 0, 0.9), (50.0, 0, 0.95),
+    (1.0, 0, 0.999), (1.0, BIG_V, 0.9), (0.5, 100_000, 1.0), (1.0, 0, 1e-9),
+]
+
+
+def lm_like_row(rng: np.random.Generator, v: int, dtype=np.float32) -> np.ndarray:
+    """A row shaped like a language model's: a Gaussian bulk, a few tokens far above it, and
+    exact ties (float32 and bf16-like rounding make them common in real logits)."""
+    x = rng.normal(size=v) * rng.uniform(1.0, 3.5)
+    top = rng.choice(v, size=min(v, int(rng.integers(1, 30))), replace=False)
+    x[top] += rng.uniform(4, 20) * rng.random(len(top))
+    if rng.random() < 0.5:
+        x = np.round(x * 64) / 64  # coarse values: many ties
+    return x.astype(dtype)
+
+
+def adversarial_rows(v: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(v)
+    rows = [
+        np.zeros(v, dtype=np.float32),  # flat: everything tied
+        np.full(v, 3.25),
+        np.where(np.arange(v) % 2 == 0, 1.0, 0.0),  # two tied levels
+        np.r_[np.zeros(v - 1), 1e4],  # one huge logit, last id
+        np.r_[1e4, np.zeros(v - 1)],  # one huge logit, first id
+        np.r_[np.full(max(v - 3, 0), -np.inf), [2.0, 2.0, 1.0]][-v:],  # masked tokens
+        (rng.normal(size=v) * 2.5).astype(np.float32),  # flat Gaussian: a huge nucleus
+        np.round(rng.normal(size=v) * 0.01, 2),  # nearly uniform with ties
+        np.linspace(0.0, 1.0, v)[::-1].copy(),  # strictly ordered by id, descending
+        np.repeat(np.arange(v // 8 + 1, dtype=np.float64), 8)[:v],  # blocks of 8 ties
+    ]
+    ladder = [2.0 ** -j for j in range(1, 12)]  # exactly representable probabilities
+    rows.append(np.log(np.r_[ladder, np.full(max(v - 11, 0), 2.0 ** -40)][:v]))
+    rows.append(np.log(np.r_[np.full(max(v - 11, 0), 2.0 ** -40), ladder][-v:]))
+    return rows
+
+
+def assert_rows_match(logits: np.ndarray, params: SamplingParams) -> None:
+    want_p = _reference_target_probs(logits, params)
+    got_p = target_probs(logits, params)
+    assert got_p.dtype == np.float64 and got_p.shape == want_p.shape
+    assert np.array_equal(got_p, want_p, equal_nan=True), params
+    want_q, got_q = _reference_draft_dist(logits, params), draft_dist(logits, params)
+    assert got_q.ids.dtype == np.int64 and got_q.weights.dtype == np.int64
+    assert np.array_equal(got_q.ids, want_q.ids), params
+    assert np.array_equal(got_q.weights, want_q.weights), params
+
+
+def test_softmax_is_bit_for_bit_the_textbook_form():
+    rng = np.random.default_rng(20)
+    for dtype in (np.float32, np.float64, np.float16, np.int32):
+        for t in (0.3, 0.7, 1.0, 1.7):
+            x = (rng.normal(size=5000) * 4).astype(dtype)
+            assert np.array_equal(softmax(x, t), _reference_softmax(x, t))
+    assert np.array_equal(softmax([1, 2, 3]), _reference_softmax([1, 2, 3]))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", ROW_SETTINGS)
+def test_fast_rows_equal_the_reference_on_a_152k_vocabulary(temperature, top_k, top_p):
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    rng = np.random.default_rng(int(temperature * 1000) + top_k + int(top_p * 100))
+    for i in range(4):
+        assert_rows_match(lm_like_row(rng, BIG_V, np.float32 if i % 2 else np.float64), params)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", ROW_SETTINGS[:10])
+def test_fast_rows_equal_the_reference_on_adversarial_152k_rows(temperature, top_k, top_p):
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    for logits in adversarial_rows(BIG_V):
+        assert_rows_match(logits, params)
+
+
+def test_fast_rows_equal_the_reference_on_small_vocabularies():
+    rng = np.random.default_rng(21)
+    for v in (1, 2, 3, 7, 64, 1000, 4097, 5000, 20_000):
+        for logits in adversarial_rows(v) + [lm_like_row(rng, v) for _ in range(3)]:
+            for temperature, top_k, top_p in ROW_SETTINGS:
+                assert_rows_match(logits, SamplingParams(temperature, top_p, top_k))
+
+
+def test_flat_rows_take_the_long_head_and_still_equal_a_full_sort():
+    """The flat-distribution path (heads of 4k, 16k, 64k tokens instead of a full sort)."""
+    rng = np.random.default_rng(22)
+    for scale in (0.5, 1.0, 2.0, 2.5, 3.0, 4.0, 6.0):
+        logits = rng.normal(size=BIG_V) * scale
+        for top_p in (0.5, 0.9, 0.95, 0.99):
+            assert_rows_match(logits, SamplingParams(temperature=1.0, top_p=top_p))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    logits=st.lists(st.sampled_from([-3.0, -1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 2.0, 8.0]), min_size=1,
+                    max_size=40),
+    temperature=st.sampled_from([0.0, 0.01, 0.5, 1.0, 3.0]),
+    top_k=st.integers(0, 45),
+    top_p=st.sampled_from([0.1, 0.5, 0.9, 0.95, 1.0]),
+)
+def test_fast_rows_equal_the_reference_on_tie_heavy_rows(logits, temperature, top_k, top_p):
+    assert_rows_match(np.array(logits), SamplingParams(temperature, top_p, top_k))
