@@ -33,17 +33,17 @@ $(VENV)/.llama-$(LLAMA_VERSION): $(VENV)/bin/python
 	$(PIP) install -q $(WHEELS)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 	@touch $@
 
-# compat editable mode: a plain path entry, so PYTHONPATH and the source tree resolve the same way
-# in a fresh clone as in development (the default finder shadows PYTHONPATH for flat layouts)
+# editable: a plain path entry to this directory (pyproject's package-dir), so PYTHONPATH and the
+# source tree resolve the same way in a fresh clone as in development
 $(VENV)/.installed: pyproject.toml $(VENV)/.llama-$(LLAMA_VERSION)
-	$(PIP) install -q -e ".[$(EXTRAS)]" --config-settings editable_mode=compat
+	$(PIP) install -q -e ".[$(EXTRAS)]"
 	@touch $@
 
 install: $(VENV)/.installed
 
 # the edge alone (a Pi, a Jetson): no torch, no transformers
 install-edge: $(VENV)/.llama-$(LLAMA_VERSION)
-	$(PIP) install -q -e ".[edge]" --config-settings editable_mode=compat
+	$(PIP) install -q -e ".[edge]"
 
 demo: install
 	$(VENV)/bin/picospec demo

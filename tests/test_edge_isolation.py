@@ -69,3 +69,13 @@ def test_auto_dtype_picks_bf16_only_where_the_hardware_has_it():
     assert auto_dtype("cpu", {"avx2", "fma"}) == "float32"
     assert auto_dtype("cpu", {"avx2", "avx512_bf16"}) == "bfloat16"
     assert auto_dtype("cpu", {"amx_bf16", "amx_tile"}) == "bfloat16"
+
+
+def test_packaging_metadata_builds_without_deprecations():
+    """The license as an SPDX expression (the table form stops building in 2027) and a single
+    source root, so an editable install is a plain path entry rather than an import finder."""
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert pyproject["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in pyproject["build-system"]["requires"]  # SPDX license support
+    assert pyproject["tool"]["setuptools"]["package-dir"] == {"": "."}
+    assert "editable_mode" not in (ROOT / "Makefile").read_text()
