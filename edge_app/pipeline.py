@@ -30,6 +30,7 @@ from edge_app.variants import variant_for
 
 # "idle_timeout": the verifier evicted a session that sat idle; a new one resumes the answer
 RETRYABLE = ("disconnected", "timeout", "unreachable", "idle_timeout")
+RECHECK_AFTER = 4  # auto: cloud-only answers in a row before one speculates again to re-measure
 
 
 class Pipeline:
@@ -106,9 +107,18 @@ class Pipeline:
             await run_cloud_only(answer, self.link, self.estimates, prompt_sent=True)
 
     def _cloud_is_faster(self) -> bool:
-        """auto, at the start of an answer: does the model (with what was measured) pick cloud-only?"""
-        plan = self.estimates.plan(allow_sync=True, allow_cloud=True)
-        return plan is not None and plan.mode == "cloud"
+        """auto, at the start of an answer: does the model (with what was measured) pick cloud-only?
+
+        After RECHECK_AFTER cloud-only answers in a row, one answer speculates anyway: the link or
+        the prompts may have changed, and only speculating measures them again.
+        """
+        est = self.estimates
+        plan = est.plan(allow_sync=True, allow_cloud=True)
+        if plan is None or plan.mode != "cloud" or est.cloud_answers >= RECHECK_AFTER:
+            est.cloud_answers = 0
+            return False
+        est.cloud_answers += 1
+        return True
 
     def _count_link_bytes(self) -> None:
         if self.link is not None and self._bytes0 is not None:

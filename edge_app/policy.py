@@ -118,6 +118,7 @@ class Estimates:
     verify: VerifyCurve = field(default_factory=VerifyCurve)
     t_cloud: float | None = None  # seconds per token of cloud-only streaming
     sync_block: int = 4  # sync's block when nothing has been measured yet
+    cloud_answers: int = 0  # answers in a row that auto gave to cloud-only (the link may change)
 
     def complete(self) -> bool:
         return None not in (self.t_draft, self.t_rtt, self.acceptance) and bool(self.verify)
