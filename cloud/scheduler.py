@@ -5,14 +5,16 @@ another session's compute, and passes never fight for the cores. Sessions do not
 directly: each submits a Work item and awaits its result, and the scheduler pulls items in
 arrival order and runs them one at a time.
 
-Kinds of work (Work.kind):
-  prefill  feed one chunk of a prompt (cloud/session.py: prefill_chunk)
-  verify   one verify pass over a block of drafted ids (cloud/verify.py: verify_pass)
-  fill     the pass a filled token needs (prepare_next_token)
-  decode   the pass a cloud-only token needs (prepare_next_token)
+A Work item is (kind, session, feed, finish): feed the session's engine `feed` in one forward
+pass, then `finish(rows)` turns the rows [len(feed), V] into the result. Kinds:
+  prefill  one chunk of a prompt                      finish: the last row
+  verify   one verify pass over a block (verify.py)   finish: decide_pass -> PassResult
+  fill     the pass a filled token needs              finish: keep the last row pending
+  decode   the pass a cloud-only token needs          finish: keep the last row pending
 
-Each item names its session and kind, so a later scheduler can pull every ready item of one kind
-and run them as one batched forward pass; this one runs them one by one.
+Only the forward pass would be shared by a batch: a later scheduler can pull every ready item,
+run their feeds as one batched forward pass over their sessions' caches, and hand each item its
+own rows. This one runs them one by one.
 """
 from __future__ import annotations
 
@@ -23,24 +25,36 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
+
 KINDS = ("prefill", "verify", "fill", "decode")
 
 
 @dataclass(eq=False)
 class Work:
-    """One unit of compute for one session: `run()` on the worker thread."""
+    """One forward pass for one session, and what to make of its rows (both on the worker)."""
 
     kind: str
-    session: Any
-    run: Callable[[], Any]
+    session: Any  # a VerifySession: its engine holds the cache this pass extends
+    feed: list[int]
+    finish: Callable[[torch.Tensor], Any]
     submitted: float = field(default_factory=time.perf_counter)
     started: float | None = None
+    ran_s: float = 0.0  # the forward pass and finish, on the worker
     future: asyncio.Future | None = None
 
     @property
     def waited_s(self) -> float:
         """Seconds it waited behind other sessions' work before it started."""
         return (self.started or self.submitted) - self.submitted
+
+    def run(self) -> Any:
+        """Worker thread: the forward pass, then finish."""
+        self.started = time.perf_counter()
+        rows = self.session.engine.forward(self.feed)  # [len(feed), V]
+        result = self.finish(rows)
+        self.ran_s = time.perf_counter() - self.started
+        return result
 
 
 class Scheduler:
@@ -55,7 +69,7 @@ class Scheduler:
     async def submit(self, work: Work) -> Any:
         """Queue work and wait for its result (its exception, if it raised). A submitter that is
         cancelled before its work started takes the work out: nothing runs for a gone session."""
-        assert work.kind in KINDS, work.kind
+        assert work.kind in KINDS and work.feed, work.kind
         loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
             self._wake = asyncio.Event()
@@ -66,7 +80,7 @@ class Scheduler:
         return await work.future
 
     def pull(self) -> Work | None:
-        """The next item to run (a batching scheduler would take several of one kind here)."""
+        """The next item to run (a batching scheduler would take several here)."""
         while self.ready:
             work = self.ready.popleft()
             if not work.future.done():  # not cancelled by its session meanwhile
@@ -81,7 +95,6 @@ class Scheduler:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            work.started = time.perf_counter()
             try:
                 result = await loop.run_in_executor(self.executor, work.run)
             except asyncio.CancelledError:

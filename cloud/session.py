@@ -6,7 +6,7 @@ The session owns the state and the rules for changing it; the pieces plug in:
   cloud/paper_variant.py  the paper's variant of the accept / recover rule
   cloud/fill.py           bubble filling
 The server's per-session work loop (cloud/work_loop.py) makes every call, one at a time; only the
-forward passes (`prefill_chunk`, `verify_pass`, `prepare_next_token`) run on the worker thread.
+forward passes (and the decisions on their rows) run on the scheduler's worker thread.
 
 Epochs: the cloud decides them. Every message that changes the committed prefix (Prefilled,
 Verdict, Tokens) carries the epoch the edge drafts in from then on; a Draft of another epoch is
@@ -81,7 +81,7 @@ class VerifySession:
     # -- a prompt ------------------------------------------------------------------------------
     def begin_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
         """Check a new committed prefix and roll the cache back to what it shares with the old one;
-        returns the ids still to prefill (the caller feeds them chunk by chunk, `prefill_chunk`)."""
+        returns the ids still to prefill (the caller feeds them, chunk by chunk)."""
         if not ids:
             raise SessionError("bad_message", "the prompt is empty")
         if len(ids) + max_new_tokens > self.max_context:
@@ -92,10 +92,6 @@ class VerifySession:
         # nothing is committed until end_prompt: an interrupted prefill leaves nothing to reuse
         self.committed, self.prompt_len, self.pending_row = [], 0, None
         return ids[keep:]
-
-    def prefill_chunk(self, ids: list[int]) -> torch.Tensor:
-        """Feed prompt ids (worker thread); returns the last row's logits [V]."""
-        return self.engine.forward(ids)[-1]
 
     def end_prompt(self, ids: list[int], max_new_tokens: int, last_row: torch.Tensor,
                    fill: bool = False) -> int | None:
@@ -145,8 +141,17 @@ class VerifySession:
     def prepare_next_token(self) -> None:
         """The forward pass the next own token needs (worker thread), unless a row is pending.
         The row stays pending: if a draft arrives meanwhile, it verifies that draft's first id."""
-        if self.pending_row is None:
-            self.pending_row = self.engine.forward(self.committed[self.engine.cache_len:])[-1]
+        feed = self.next_token_feed()
+        if feed:
+            self.keep_row(self.engine.forward(feed))
+
+    def next_token_feed(self) -> list[int]:
+        """What prepare_next_token feeds: the unfed committed id, or nothing when a row is pending."""
+        return [] if self.pending_row is not None else self.committed[self.engine.cache_len:]
+
+    def keep_row(self, rows: torch.Tensor) -> None:
+        """rows: [n, V] from feeding next_token_feed(); the last predicts the next position."""
+        self.pending_row = rows[-1]
 
     def commit_next_token(self) -> int:
         """Sample the next token from the pending row (argmax when greedy) and commit it."""

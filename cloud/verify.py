@@ -52,9 +52,9 @@ class PassResult:
     keep_cache: int  # cache length after the pass: the committed ids it holds
     fed: int  # ids the forward pass took (its size: the edge learns the pass time per size)
     pending_row: torch.Tensor | None  # [V] logits for position len(committed), when the cache holds it all
-    verify_s: float
     top_ids: list[int] | None = None  # the target's top-K at the rejection (paper variant)
     top_probs: list[float] | None = None
+    verify_s: float = 0.0  # the pass's seconds on the worker
 
 
 @dataclass
@@ -114,20 +114,34 @@ class ExactRule:
 
 
 def verify_pass(session: VerifySession, block: Block) -> PassResult:
-    """One verify pass. Reads the session, feeds the engine, draws from the RNG; changes nothing
-    else, so it runs on the worker thread while the event loop serves other sessions."""
+    """One verify pass: steps 1-5 below. Reads the session, feeds the engine, draws from the RNG;
+    changes nothing else, so it runs on the worker thread while the event loop serves other
+    sessions. (The scheduler runs the same three calls as a work item.)"""
     t0 = time.perf_counter()
-    committed, engine, rule = session.committed, session.engine, session.rule
+    # 1. feed: the committed ids the cache lacks, then the block's ids
+    feed = pass_feed(session, block)
+    # 2. one forward pass
+    rows = session.engine.forward(feed)  # [len(feed), V]
+    # 3-5. the accept / recover rule over the rows
+    result = decide_pass(session, block, rows)
+    result.verify_s = time.perf_counter() - t0
+    return result
 
-    # 1. feed: the committed ids the cache lacks (at most one), the forced ids, the drafted ids
-    unfed = committed[engine.cache_len:]
-    feed = unfed + block.ids
 
-    # 2. one forward pass: row i is the target's next-token logits after feed[i]
-    rows = engine.forward(feed)  # [len(feed), V]
+def pass_feed(session: VerifySession, block: Block) -> list[int]:
+    """1. What the pass feeds: the committed ids the cache lacks (at most one), then the block's
+    ids (forced first)."""
+    return session.committed[session.engine.cache_len:] + block.ids
+
+
+def decide_pass(session: VerifySession, block: Block, rows: torch.Tensor) -> PassResult:
+    """Steps 3-5, given rows: [len(feed), V] from step 2, one forward pass over pass_feed: row i
+    is the target's next-token logits after feed[i]."""
+    committed, rule = session.committed, session.rule
+    n_unfed = len(rows) - len(block.ids)
 
     # 3. the row that predicts drafted id j; before the feed, that is the kept pending row
-    first = len(unfed) + block.forced - 1
+    first = n_unfed + block.forced - 1
     drafted = block.drafted
     target_rows = [rows[first + j] if first + j >= 0 else session.pending_row for j in range(len(drafted))]
 
@@ -139,16 +153,14 @@ def verify_pass(session: VerifySession, block: Block) -> PassResult:
     # 5a. rejected at drafted id n: the rule says what comes instead
     if n < len(drafted):
         r = rule.reject(outcome, target_rows[n])
-        return PassResult(n, r.token, r.kind, keep, len(feed), r.pending_row, time.perf_counter() - t0,
-                          r.top_ids, r.top_probs)
+        return PassResult(n, r.token, r.kind, keep, len(rows), r.pending_row, r.top_ids, r.top_probs)
 
     # 5b. accepted whole: a bonus token if the edge waits for one and the answer goes on ...
-    last = block.ids[-1]
-    if block.wait and session.budget_left > len(block.ids) and last != session.eos_id:
+    if block.wait and session.budget_left > len(block.ids) and block.ids[-1] != session.eos_id:
         bonus = sample_target(rows[-1], session.params, session.rng)
-        return PassResult(n, bonus, VerdictKind.BONUS, keep, len(feed), None, time.perf_counter() - t0)
+        return PassResult(n, bonus, VerdictKind.BONUS, keep, len(rows), None)
     # ... else the last row verifies the next block's first id
-    return PassResult(n, None, VerdictKind.ACCEPTED, keep, len(feed), rows[-1], time.perf_counter() - t0)
+    return PassResult(n, None, VerdictKind.ACCEPTED, keep, len(rows), rows[-1])
 
 
 def apply_pass(session: VerifySession, block: Block, result: PassResult) -> int:

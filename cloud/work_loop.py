@@ -20,7 +20,7 @@ from cloud.draft_queue import Block
 from cloud.errors import SessionError
 from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler, Work
-from cloud.verify import apply_pass, verify_pass
+from cloud.verify import apply_pass, decide_pass, pass_feed
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass; other sessions' passes run between chunks
 
@@ -69,8 +69,11 @@ class WorkLoop:
         else:
             raise SessionError("bad_message", f"unexpected {type(op).__name__} from the edge")
 
-    async def compute(self, kind: str, fn, *args):
-        return await self.scheduler.submit(Work(kind, self.session, lambda: fn(*args)))
+    async def prepare_next_token(self, kind: str) -> None:
+        """The pass the session's next own token needs ("fill" or "decode"), if any."""
+        feed = self.session.next_token_feed()
+        if feed:
+            await self.scheduler.submit(Work(kind, self.session, feed, self.session.keep_row))
 
     # -- Prompt -> Prefilled -------------------------------------------------------------------
     async def prefill(self, op: codec.Prompt) -> None:
@@ -79,7 +82,8 @@ class WorkLoop:
         rest = session.begin_prompt(op.ids, op.max_new_tokens)
         last = None
         for start in range(0, len(rest), PREFILL_CHUNK):
-            last = await self.compute("prefill", session.prefill_chunk, rest[start:start + PREFILL_CHUNK])
+            last = await self.scheduler.submit(Work("prefill", session, rest[start:start + PREFILL_CHUNK],
+                                                    lambda rows: rows[-1]))
         token = session.end_prompt(op.ids, op.max_new_tokens, last, fill=op.fill and self.may_fill())
         seconds = time.perf_counter() - t0
         self.metrics.observe("picospec_prefill_seconds", seconds)
@@ -101,8 +105,9 @@ class WorkLoop:
             block = session.take_block(self.config.max_block)
             if block is None:
                 return
-            work = Work("verify", session, lambda: verify_pass(session, block))
+            work = Work("verify", session, pass_feed(session, block), lambda rows: decide_pass(session, block, rows))
             result = await self.scheduler.submit(work)
+            result.verify_s = work.ran_s
             epoch = apply_pass(session, block, result)
             m.inc("picospec_verify_passes_total")
             m.inc("picospec_drafted_tokens_total", len(block.drafted))
@@ -119,7 +124,7 @@ class WorkLoop:
         """One target token of the cloud's own while the edge drafts. If a draft arrives during the
         pass, the pass's row verifies that draft instead and nothing is sampled."""
         session = self.session
-        await self.compute("fill", session.prepare_next_token)
+        await self.prepare_next_token("fill")
         if self.conn.ops or not session.wants_fill():
             return
         token = session.commit_fill()
@@ -134,7 +139,7 @@ class WorkLoop:
         session = self.session
         limit = session.generate_limit(max_new_tokens)
         for i in range(limit):
-            await self.compute("decode", session.prepare_next_token)
+            await self.prepare_next_token("decode")
             token = session.commit_next_token()
             self.metrics.inc("picospec_generated_tokens_total")
             done = token == session.eos_id or i == limit - 1
