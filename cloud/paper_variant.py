@@ -22,6 +22,9 @@ from sampling import Outcome, SamplingParams, target_probs, top_k_sparse, verify
 class PaperRule(ExactRule):
     name = "paper"
     allows_fill = False  # a filled token would race the edge's own recovered one
+    # the paper's protocol, reproduced for comparison: the first token is drafted and verified
+    # like any other (so its drift can be measured too)
+    first_token_from_prefill = False
 
     def __init__(self, params: SamplingParams, top_k: int = 8):
         super().__init__(params)

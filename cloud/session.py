@@ -96,7 +96,8 @@ class VerifySession:
     def end_prompt(self, ids: list[int], max_new_tokens: int, last_row: torch.Tensor,
                    fill: bool = False) -> int | None:
         """The prompt is in the cache (last_row: the logits after it). Commits the answer's first
-        token, sampled from last_row, when max_new_tokens > 0 and returns it (Prefilled.token)."""
+        token, sampled from last_row, when max_new_tokens > 0 and returns it (Prefilled.token);
+        the paper variant drafts its first token instead, as in the paper."""
         self.committed = list(ids)
         self.prompt_len = len(ids)
         self.max_new_tokens = max_new_tokens
@@ -105,7 +106,7 @@ class VerifySession:
         self.fill = BubbleFill() if fill and self.rule.allows_fill else NO_FILL
         self.epoch += 1
         self.queue.clear()
-        return self.commit_next_token() if max_new_tokens > 0 else None
+        return self.commit_next_token() if max_new_tokens > 0 and self.rule.first_token_from_prefill else None
 
     # -- drafts --------------------------------------------------------------------------------
     def add_draft(self, block: Block) -> bool:

@@ -83,6 +83,7 @@ class ExactRule:
 
     name = "exact"
     allows_fill = True  # filled tokens are sampled from p: exact
+    first_token_from_prefill = True  # Prefilled brings the answer's first token, sampled from p
 
     def __init__(self, params: SamplingParams):
         self.params = params

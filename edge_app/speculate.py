@@ -180,7 +180,8 @@ class SpeculativeLoop:
     def on_message(self, msg) -> None:
         if isinstance(msg, codec.Prefilled):
             self._adopt_epoch(msg.epoch)
-            if msg.token is not None:
+            if msg.token is not None:  # the answer's first token, sampled from the prefill's row
+                self.stats.filled += 1
                 self._on_cloud_tokens(msg.committed_len - 1, [msg.token])
         elif self.epoch is None:
             return  # left over from an earlier answer on this session
