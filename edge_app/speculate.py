@@ -84,7 +84,9 @@ class SpeculativeLoop:
                 break
             await self._resync_drafter()
             self.plan = self._choose_plan()
-            if self.plan.mode == "cloud" and self._nothing_in_flight():
+            # hand over only on this answer's own evidence (an answer that starts speculating was
+            # either planned so or is re-measuring after cloud-only answers)
+            if self.plan.mode == "cloud" and self.stats.rounds >= 2 and self._nothing_in_flight():
                 self.stats.mode_switches.append("cloud")
                 return SWITCH_TO_CLOUD
             if self._may_draft():

@@ -265,3 +265,49 @@ def test_paper_variant_drifts_by_what_the_math_predicts(server, target):
     noise = 2 * 0.5 * np.sqrt(int((p > 0).sum()) / 1500)
     assert 0.5 * np.abs(predicted - p).sum() > 2 * noise  # the drift is real and measurable
     assert 0.5 * np.abs(emp - predicted).sum() < noise  # and the server does what the math says
+
+
+# -- auto: the mode chosen from measured numbers ---------------------------------------------------
+async def _auto_answers(url, drafter, prompts, estimates, n=24):
+    from edge_app.policy import Estimates  # noqa: F401 (the type the pipeline carries)
+
+    link = CloudLink(url)
+    await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
+        "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}))
+    out = []
+    try:
+        for prompt in prompts:
+            opts = GenerateOptions(max_new_tokens=n, stop_ids=(EOS,), mode="auto")
+            out.append(await Pipeline(drafter, link, opts, estimates=estimates).run(prompt))
+    finally:
+        await link.close()
+    return out
+
+
+@pytest.mark.parametrize("noise", [0.0, 3.0])
+def test_auto_is_exact_and_learns_the_numbers_it_plans_with(server, target, noise):
+    from edge_app.policy import Estimates
+
+    est = Estimates()
+    answers = asyncio.run(_auto_answers(server.url, TinyDrafter(perturbed(target, noise)), PROMPTS, est))
+    for prompt, ans in zip(PROMPTS, answers):
+        assert ans.token_ids == reference(target, prompt, 24)
+    assert est.t_draft
+    if noise == 0.0:  # (an unrelated draft may never see a verdict: the idle cloud fills every token)
+        assert est.verify and est.acceptance == 1.0
+
+
+def test_auto_hands_answers_to_the_cloud_when_drafting_cannot_pay(server, target):
+    """A draft step far slower than a cloud token and poor acceptance: auto streams from the cloud
+    (the answer is still the target's), and after four such answers speculates once to re-measure."""
+    from edge_app.policy import Estimates
+
+    est = Estimates(t_draft=5.0, t_rtt=0.01, acceptance=0.1, t_cloud=0.002)
+    est.verify.observe(1, 0.002)
+    prompts = PROMPTS + [PROMPTS[0]]
+    answers = asyncio.run(_auto_answers(server.url, TinyDrafter(perturbed(target, 1.0)), prompts, est))
+    for prompt, ans in zip(prompts, answers):
+        assert ans.token_ids == reference(target, prompt, 24)
+    assert [a.stats.mode_switches for a in answers[:4]] == [["cloud"]] * 4
+    assert all(a.stats.drafted == 0 for a in answers[:4])
+    assert answers[4].stats.drafted > 0  # the fifth answer speculates again

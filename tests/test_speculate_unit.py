@@ -194,3 +194,17 @@ def test_messages_left_over_from_an_earlier_answer_are_ignored_until_prefilled()
 
     answer, _ = run_loop(ScriptedLink(reply), [1, 2, 3], max_new=3)
     assert answer.committed == [1, 2, 3, 4, 5, 6]
+
+
+def test_auto_hands_the_answer_to_cloud_only_after_two_rounds_with_nothing_in_flight():
+    from edge_app.speculate import SWITCH_TO_CLOUD
+
+    link = ScriptedLink(accept_all(epoch_of_prefill=1))
+    opts = GenerateOptions(max_new_tokens=20, mode="auto", stop_ids=())
+    answer = AnswerState([1, 2, 3], opts, GenerationStats(mode="auto"), EdgeMeters())
+    est = Estimates(t_draft=5.0, t_rtt=0.01, acceptance=0.1, t_cloud=0.001)
+    est.verify.observe(1, 0.001)
+    loop = SpeculativeLoop(answer, CountingDrafter(), link, est, ExactVariant(), np.random.default_rng(0), "auto")
+    assert asyncio.run(loop.run()) == SWITCH_TO_CLOUD
+    assert answer.stats.rounds == 2 and loop.sent == 0 and answer.done_reason is None
+    assert answer.stats.mode_switches == ["cloud"]
