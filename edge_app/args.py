@@ -6,10 +6,24 @@ import argparse
 import os
 
 
+class CloudUrls(argparse.Action):
+    """--cloud URL[,URL...], repeatable: the URLs joined by commas, in order (EdgeConfig.cloud)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        urls = [u.strip() for u in str(values).split(",")]
+        for url in urls:
+            if "://" not in url or not url.split("://", 1)[1]:
+                parser.error(f"{option_string}: {url!r} is not a verifier URL (ws://host:port or wss://host:port)")
+        before = getattr(namespace, self.dest, None)
+        setattr(namespace, self.dest, ",".join([*([before] if before else []), *urls]))
+
+
 def add_edge_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models and cloud")
     g.add_argument("--draft", default=None, help="draft GGUF (default $PICOSPEC_DRAFT, else Qwen2.5-Coder-0.5B-Instruct)")
-    g.add_argument("--cloud", default=None, help="verifier URL, e.g. ws://host:8765 (default: start one locally)")
+    g.add_argument("--cloud", default=None, action=CloudUrls, metavar="URL[,URL...]",
+                   help="verifier URL, e.g. ws://host:8765; several (comma-separated, or the flag "
+                        "repeated) are tried in turn on connect and reconnect (default: start one locally)")
     g.add_argument("--target", default=None, help="target for the local verifier (default $PICOSPEC_TARGET, else Qwen2.5-Coder-1.5B-Instruct)")
     g.add_argument("--token", default=None, help="shared secret for the verifier (default $PICOSPEC_TOKEN)")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
@@ -34,8 +48,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--mode", default="pipeline", choices=["pipeline", "sync", "cloud", "edge"],
-                   help="pipeline (default), sync (vanilla speculative), cloud (target only), edge (draft only: not target quality)")
+    g.add_argument("--mode", default="pipeline", choices=["pipeline", "sync", "cloud", "edge", "auto"],
+                   help="pipeline (default), sync (vanilla speculative), cloud (target only), edge (draft only: "
+                        "not target quality), auto (cloud, sync or pipeline, whichever the measured numbers favour)")
     g.add_argument("--variant", default="exact", choices=["exact", "paper"],
                    help="exact: sparse q up, cloud recovers (default); paper: scalar q up, top-K p down (approximate)")
     g.add_argument("--paper-top-k", type=int, default=8)

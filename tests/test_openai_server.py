@@ -62,14 +62,15 @@ def test_bad_requests_name_the_parameter(body, param):
 
 def test_request_defaults_and_aliases():
     req = parse_request({"messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}]}],
-                         "max_completion_tokens": 7, "stop": "x"}, True, GenerateOptions(max_new_tokens=99))
+                         "max_completion_tokens": 7, "stop": "x"}, True, GenerateOptions(max_new_tokens=99, mode="sync"))
     assert req.messages == [{"role": "system", "content": "a"}]
-    assert (req.max_tokens, req.stop, req.temperature, req.n, req.mode) == (7, ("x",), 0.0, 1, "pipeline")
+    # the server's defaults fill what the request leaves out
+    assert (req.max_tokens, req.stop, req.temperature, req.n, req.mode) == (7, ("x",), 0.0, 1, "sync")
     assert parse_request({"prompt": ["abc"]}, False, GenerateOptions()).prompt == "abc"
 
 
 # -- the app over a fake client --------------------------------------------------------------
-def with_app(client: FakeClient, check, defaults: GenerateOptions = GenerateOptions(max_new_tokens=64)):
+def with_app(client: FakeClient, check, defaults: GenerateOptions = GenerateOptions(max_new_tokens=64, mode="pipeline")):
     """Run `await check(http, api)` against the app: an aiohttp test client and an AsyncOpenAI."""
     async def main():
         server = EdgeServer(client, defaults)
