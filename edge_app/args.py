@@ -48,9 +48,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--mode", default="pipeline", choices=["pipeline", "sync", "cloud", "edge", "auto"],
-                   help="pipeline (default), sync (vanilla speculative), cloud (target only), edge (draft only: "
-                        "not target quality), auto (cloud, sync or pipeline, whichever the measured numbers favour)")
+    g.add_argument("--mode", default="auto", choices=["auto", "pipeline", "sync", "cloud", "edge"],
+                   help="auto (default: cloud, sync or pipeline, whichever the measured numbers favour, re-planned "
+                        "during the answer), pipeline (drafts ahead while blocks are verified), sync (vanilla "
+                        "speculative), cloud (target only), edge (draft only: not target quality)")
     g.add_argument("--variant", default="exact", choices=["exact", "paper"],
                    help="exact: sparse q up, cloud recovers (default); paper: scalar q up, top-K p down (approximate)")
     g.add_argument("--paper-top-k", type=int, default=8)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 from dataclasses import dataclass, replace
 
@@ -22,7 +23,9 @@ from edge_app.template import render_chat
 @dataclass(frozen=True)
 class EdgeConfig:
     draft: str | None = None  # GGUF path; None = $PICOSPEC_DRAFT or the default pair's draft
-    cloud: str | None = None  # ws://host:port[/ws]; None = start a local verifier
+    cloud: str | None = None  # ws://host:port[/ws], or several comma-separated; None (and no
+    # `clouds`) = start a local verifier
+    clouds: tuple[str, ...] = ()  # more verifier URLs, tried after `cloud`'s, in turn
     target: str | None = None  # for the local verifier only
     token: str | None = None
     dtype: str = "auto"  # local verifier's target dtype
@@ -37,6 +40,34 @@ class EdgeConfig:
     retry_interval_s: float = 5.0  # while edge-only, how often to look for the verifier again
     connect_timeout_s: float = 10.0  # one connection attempt, TCP to welcome
     ca_cert: str | None = None  # PEM file to trust for a wss:// verifier (a self-signed cert)
+    backoff_base_s: float = 0.25  # reconnect k waits uniform(0, min(cap, base * 2**k)): full jitter,
+    backoff_cap_s: float = 2.0  # so edges that lost the same replica do not all retry at once
+
+    @property
+    def cloud_urls(self) -> tuple[str, ...]:
+        """Every configured verifier URL, in the order they are tried (empty: a local verifier)."""
+        return parse_cloud_urls(self.cloud, self.clouds)
+
+
+# a lost or refused connection that another replica may not share: go on to the next URL
+FAILOVER = (*RETRYABLE, "overloaded")
+
+
+def parse_cloud_urls(cloud: str | None, clouds=()) -> tuple[str, ...]:
+    """`cloud` (comma-separated URLs allowed) then `clouds`, blanks and repeats dropped."""
+    urls: list[str] = []
+    for part in [*(cloud.split(",") if cloud else ()), *clouds]:
+        part = part.strip()
+        if part and part not in urls:
+            urls.append(part)
+    return tuple(urls)
+
+
+def backoff_delay(attempt: int, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Full jitter: uniform over [0, min(cap, base * 2**attempt)]. Sessions that lost the same
+    replica at the same moment come back spread over the window instead of in one millisecond,
+    and the window stops growing at the cap."""
+    return rng.uniform(0.0, min(cap_s, base_s * (2.0 ** min(attempt, 60))))
 
 
 class EdgeClient:
@@ -59,6 +90,8 @@ class EdgeClient:
         self._last_notice: str | None = None
         # notices for the user ("cloud unreachable", "cloud back"); the REPL replaces this
         self.on_notice = lambda text: print(f"picospec: {text}", file=sys.stderr, flush=True)
+        self.rng = random.Random()  # reconnect jitter (tests give a seeded one)
+        self._url_index = 0  # which of cloud_urls the current (or last) session went to
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, need_cloud: bool = True) -> "EdgeClient":
@@ -66,7 +99,7 @@ class EdgeClient:
         from models.resolve import ensure_ready, resolve_draft
 
         cores = None
-        if self.config.cloud is None and need_cloud and self.config.pin_cores:
+        if not self.config.cloud_urls and need_cloud and self.config.pin_cores:
             from edge_app.embedded import split_cores
 
             split = split_cores()
@@ -74,7 +107,7 @@ class EdgeClient:
                 edge_cores, cores = split
                 os.sched_setaffinity(0, edge_cores)
         loop = asyncio.get_running_loop()
-        if self.config.cloud is None and need_cloud:
+        if not self.config.cloud_urls and need_cloud:
             from edge_app.embedded import EmbeddedVerifier
 
             threads = self.config.cloud_threads or (len(cores) if cores else None)
@@ -98,8 +131,15 @@ class EdgeClient:
         return self
 
     @property
+    def cloud_urls(self) -> tuple[str, ...]:
+        """The verifier URLs tried in turn: the configured ones, else the local verifier's."""
+        return self.config.cloud_urls or ((self.verifier.url,) if self.verifier else ())
+
+    @property
     def cloud_url(self) -> str | None:
-        return self.config.cloud or (self.verifier.url if self.verifier else None)
+        """The verifier this edge talks to now (or last did)."""
+        urls = self.cloud_urls
+        return urls[self._url_index % len(urls)] if urls else None
 
     async def close(self) -> None:
         if self.link is not None:
@@ -122,8 +162,30 @@ class EdgeClient:
         if self.link is not None:
             await self.link.close()
             self.link = None
+        # every URL in turn, from the current one: a dead or full replica falls through to the next
+        urls = self.cloud_urls
+        errors: list[CloudError] = []
+        for i in range(len(urls)):
+            index = (self._url_index + i) % len(urls)
+            try:
+                link = await self._open(urls[index], options, connect_timeout_s)
+            except CloudError as err:
+                if err.code not in FAILOVER:
+                    raise  # a refusal (token, model) that every replica would give
+                errors.append(err)
+                continue
+            self._url_index = index
+            self.link, self._link_key = link, key
+            return link
+        if not errors:
+            raise CloudError("unreachable", "no verifier URL configured")
+        # one that is worth retrying, if any was (a lost replica next to a full one)
+        raise next((e for e in errors if e.code in RETRYABLE), errors[-1])
+
+    async def _open(self, url: str, options: GenerateOptions, connect_timeout_s: float | None) -> CloudLink:
+        """One connection attempt to one verifier URL: TCP, WebSocket, hello, welcome."""
         p = options.params
-        link = CloudLink(self.cloud_url, reply_timeout_s=self.config.reply_timeout_s,
+        link = CloudLink(url, reply_timeout_s=self.config.reply_timeout_s,
                          connect_timeout_s=connect_timeout_s or self.config.connect_timeout_s,
                          ca_cert=self.config.ca_cert)
         await link.connect(codec.Hello(
@@ -131,7 +193,6 @@ class EdgeClient:
             sampling={"temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed},
             variant=options.variant, paper_top_k=options.paper_top_k, token=self.config.token,
             client="picospec-edge"))
-        self.link, self._link_key = link, key
         return link
 
     # -- text --------------------------------------------------------------------------------
@@ -171,18 +232,32 @@ class EdgeClient:
         return await pipeline.run(prompt_ids)
 
     async def _reconnect(self, options: GenerateOptions, err: CloudError | None) -> CloudLink | None:
-        """A new session after a lost one, retried with backoff for up to reconnect_s; None if the
-        verifier stays away and edge-only fallback is allowed (else the error is raised)."""
+        """A new session after a lost one, retried for up to reconnect_s with jittered exponential
+        backoff (full jitter, capped: see backoff_delay), each attempt trying every verifier URL in
+        turn, starting after the one just lost; None if the verifiers stay away and edge-only
+        fallback is allowed (else the error is raised). err None: the edge-only loop's probe, one
+        attempt at once."""
         loop = asyncio.get_running_loop()
         if err is not None and not self.cloud_available and self.config.edge_fallback:
             return None  # known to be away: the edge-only loop's background probe looks for it
         deadline = loop.time() + (self.config.reconnect_s if err else 0.0)
-        delay = 0.25
+        n_urls = max(1, len(self.cloud_urls))
+        if err is not None and n_urls > 1:
+            self._url_index = (self._url_index + 1) % n_urls  # the lost one is tried last
+        attempt = 0
         while True:
+            if err is not None:
+                # even the first retry waits its jittered share: a replica lost under 64 sessions
+                # would otherwise take 64 reconnects to the next one in the same millisecond
+                delay = backoff_delay(attempt, self.config.backoff_base_s, self.config.backoff_cap_s, self.rng)
+                if attempt and loop.time() + delay > deadline:
+                    break
+                await asyncio.sleep(delay)
+            attempt += 1
             try:
                 # an attempt never runs past the deadline (one full attempt when there is none)
                 left = deadline - loop.time()
-                timeout = min(self.config.connect_timeout_s, left) if left > 0.5 else None
+                timeout = min(self.config.connect_timeout_s, left / n_urls) if left > 0.5 else None
                 link = await self._session(options, fresh=True, connect_timeout_s=timeout)
                 self.cloud_available = True
                 return link
@@ -190,10 +265,8 @@ class EdgeClient:
                 if last.code not in RETRYABLE:
                     raise  # a refusal (token, model) will not change by retrying
                 err = err or last
-                if loop.time() + delay > deadline:
+                if loop.time() >= deadline:
                     break
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 2.0)
         if not self.config.edge_fallback:
             raise err
         self.cloud_available = False
