@@ -1,7 +1,10 @@
 """Milliseconds per row of the sampling math on a 151,936-token vocabulary: the implementation
 before the fast rows (kept as the reference in tests/test_sampling.py) against today's.
 
-    python -m bench.sampling_speed [--repeats 15] [--rows 4]
+    python -m bench.sampling_speed [--repeats 15] [--rows 4] [--torch]
+
+--torch adds the cloud's batched rule (sampling.torch_rule.verify_blocks, CPU, float32 logits as
+the target gives them) for one block of 8 drafted tokens (9 rows) against the greedy argmax.
 
 Each cell is the minimum over `repeats` timed calls per row, averaged over `rows` rows (the
 minimum because other jobs share the CPU: it is the least disturbed measurement). Row shapes:
@@ -58,7 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--torch", action="store_true", help="also time the torch rule (needs torch)")
     args = ap.parse_args(argv)
+    if args.torch:
+        torch_rule_cost(args.repeats)
     rng = np.random.default_rng(0)
     print(f"vocabulary {VOCAB}, min of {args.repeats} calls, mean over {args.rows} rows, ms/row")
     print(f"{'row':10} {'T':>4} {'top_p':>5} {'top_k':>5} {'kept':>6} "
@@ -74,6 +80,41 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{shape:10} {params.temperature:4.1f} {params.top_p:5.2f} {params.top_k:5d} "
                   f"{kept:6.0f} {cells[0]:14.2f} {cells[1]:6.2f} {cells[2]:16.2f} {cells[3]:6.2f}")
     return 0
+
+
+def torch_rule_cost(repeats: int) -> None:
+    import torch
+
+    from sampling.torch_rule import pack_sparse, verify_blocks
+
+    rng = np.random.default_rng(1)
+    k = 8
+    print(f"torch rule, CPU, {torch.get_num_threads()} threads, one block of {k} (rows of {VOCAB}), "
+          f"min of {repeats}, ms per pass")
+    logits = torch.from_numpy(np.stack([make_row("confident", rng) for _ in range(k + 1)]))[None]
+    for params in SETTINGS[:3] + [SamplingParams(temperature=0.0)]:
+        dists = [[draft_dist(logits[0, j].numpy() + rng.normal(size=VOCAB).astype(np.float32),
+                             params) for j in range(k)]]
+        drafted = torch.tensor([[int(d.ids[np.argmax(d.weights)]) for d in dists[0]]])
+        q_ids, q_weights = pack_sparse(dists, k)
+        lengths = torch.tensor([k])
+
+        def rule():
+            u = torch.rand(1, k + 1, dtype=torch.float64)
+            return verify_blocks(logits, drafted, lengths, q_ids, q_weights, [params], u)
+
+        def argmax():
+            return logits.argmax(-1).tolist()
+
+        cost = [min(_timed(f) for _ in range(repeats)) for f in (rule, argmax)]
+        print(f"  T {params.temperature:3.1f} top_p {params.top_p:4.2f} top_k {params.top_k:3d}: "
+              f"rule {cost[0]:7.2f}   greedy argmax {cost[1]:6.2f}")
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - start)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from sampling.core import (
     SparseDist,
     Outcome,
     draft_dist,
+    inverse_cdf,
     recover_from_top_k,
     residual_probs,
     sample_dense,
@@ -19,6 +20,7 @@ from sampling.core import (
     truncate_probs,
     verify_block,
     verify_block_greedy,
+    verify_block_u,
     verify_token,
 )
 
@@ -28,6 +30,7 @@ __all__ = [
     "SparseDist",
     "Outcome",
     "draft_dist",
+    "inverse_cdf",
     "recover_from_top_k",
     "residual_probs",
     "sample_dense",
@@ -38,5 +41,6 @@ __all__ = [
     "truncate_probs",
     "verify_block",
     "verify_block_greedy",
+    "verify_block_u",
     "verify_token",
 ]

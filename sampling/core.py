@@ -278,9 +278,14 @@ def sample_sparse(dist: SparseDist, rng: np.random.Generator) -> int:
 
 def sample_dense(p: np.ndarray, rng: np.random.Generator) -> int:
     """Draw a token from float64[V] probabilities p (need not sum exactly to one)."""
+    return inverse_cdf(p, rng.random())
+
+
+def inverse_cdf(p: np.ndarray, u: float) -> int:
+    """The token a uniform u in [0, 1) picks from float64[V] probabilities p (need not sum to
+    one): the first id, in ascending id order, whose running mass exceeds u * total."""
     cum = np.cumsum(p)
-    u = rng.random() * cum[-1]
-    i = int(np.searchsorted(cum, u, side="right"))
+    i = int(np.searchsorted(cum, u * cum[-1], side="right"))
     # guard the float edge where u lands on the last boundary: take the last token with mass
     return i if i < len(p) and p[i] > 0 else int(np.flatnonzero(p)[-1])
 
@@ -328,6 +333,34 @@ def verify_block(
         if not verify_token(token, q.prob(token), p, rng):
             return Outcome(accepted=j, recovered=sample_dense(residual_probs(p, q), rng))
     return Outcome(accepted=len(drafted), recovered=None)
+
+
+def verify_block_u(
+    drafted: list[int],
+    draft_dists: list[SparseDist],
+    target_rows: list[np.ndarray],
+    uniforms: np.ndarray,
+) -> tuple[Outcome, int | None]:
+    """`verify_block` with its randomness given as uniforms, so that any other implementation
+    (sampling.torch_rule) can be checked against this one draw for draw.
+
+    drafted: [n]; draft_dists: [n]; target_rows: [n] or [n + 1] float64[V] sampling
+    distributions (row n, when given, is the bonus row); uniforms: float64[>= n + 1] in [0, 1).
+    Convention: uniforms[j] tests drafted j (accepted iff p >= q or u_j q < p, i.e. with
+    probability min(1, p/q)); uniforms[n] draws, by `inverse_cdf`, the recovered token from
+    norm(max(0, p_j - q_j)) at the first rejection j, or the bonus token from row n after a
+    block accepted whole. Returns (outcome, bonus token or None).
+    """
+    n = len(drafted)
+    for j, (token, q, p) in enumerate(zip(drafted, draft_dists, target_rows)):
+        q_token = q.prob(token)
+        if not q_token > 0.0:
+            raise ValueError(f"drafted token {token} has q = {q_token}: it cannot have been sampled")
+        p_token = float(p[token]) if 0 <= token < len(p) else 0.0
+        if not (p_token >= q_token or uniforms[j] * q_token < p_token):
+            return Outcome(j, inverse_cdf(residual_probs(p, q), uniforms[n])), None
+    bonus = inverse_cdf(target_rows[n], uniforms[n]) if len(target_rows) > n else None
+    return Outcome(n, None), bonus
 
 
 def verify_block_greedy(drafted: list[int], target_argmax: list[int]) -> Outcome:

@@ -927,3 +927,19 @@ def test_flat_rows_take_the_long_head_and_still_equal_a_full_sort():
 )
 def test_fast_rows_equal_the_reference_on_tie_heavy_rows(logits, temperature, top_k, top_p):
     assert_rows_match(np.array(logits), SamplingParams(temperature, top_p, top_k))
+
+
+def test_verify_block_u_spends_one_uniform_per_test_and_one_for_the_draw():
+    from sampling import inverse_cdf, verify_block_u
+
+    p = np.array([0.5, 0.3, 0.2])
+    q = sparse([0, 1], [1, 3])  # q = [0.25, 0.75, 0]
+    # token 1: p/q = 0.4; u = 0.39 accepts (bonus drawn from row 1), u = 0.41 rejects and draws
+    # from the residual norm([0.25, 0, 0.2]) = [5/9, 0, 4/9]
+    assert verify_block_u([1], [q], [p, p], [0.39, 0.99]) == (Outcome(1, None), 2)
+    assert verify_block_u([1], [q], [p, p], [0.41, 0.5]) == (Outcome(0, 0), None)
+    assert verify_block_u([1], [q], [p, p], [0.41, 0.6]) == (Outcome(0, 2), None)
+    assert verify_block_u([0], [q], [p], [0.999, 0.1]) == (Outcome(1, None), None)  # p >= q
+    assert inverse_cdf(p, 0.5) == 1 and inverse_cdf(p, 0.0) == 0 and inverse_cdf(p, 0.8) == 2
+    with pytest.raises(ValueError):
+        verify_block_u([2], [q], [p], [0.5, 0.5])
