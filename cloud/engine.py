@@ -16,11 +16,13 @@ from transformers import DynamicCache
 @dataclass(frozen=True)
 class EngineConfig:
     """How to run the target. dtype: "auto", "bfloat16", "float16" or "float32"; device: "cpu",
-    "cuda" or "auto"."""
+    "cuda" or "auto". fast_linear: the CPU row-streaming matmul for float32 (cloud/kernels.py);
+    None follows the environment (PICOSPEC_FAST_LINEAR, default on)."""
 
     dtype: str = "auto"
     device: str = "auto"
     threads: int | None = None
+    fast_linear: bool | None = None
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -65,8 +67,10 @@ class TargetEngine:
     forward passes one at a time on a worker thread (see `model_lock`).
     """
 
-    def __init__(self, model, tokenizer=None, device: str = "cpu", model_lock: threading.Lock | None = None):
+    def __init__(self, model, tokenizer=None, device: str = "cpu", model_lock: threading.Lock | None = None,
+                 kernels: str = "stock torch linears"):
         self.model = model.eval()
+        self.kernels = kernels  # what the linear layers run (accelerate_linears' description)
         self.tokenizer = tokenizer
         self.device = device
         self.vocab_size = int(model.config.vocab_size)
@@ -84,11 +88,16 @@ class TargetEngine:
             torch.set_num_threads(config.threads)
         device = config.resolved_device()
         model, tokenizer = load_target(spec, dtype=config.resolved_dtype(), device=device)
-        return cls(model, tokenizer, device)
+        kernels = "stock torch linears"
+        if device == "cpu":
+            from cloud.kernels import accelerate_linears
+
+            kernels = accelerate_linears(model, enabled=config.fast_linear)
+        return cls(model, tokenizer, device, kernels=kernels)
 
     def fork(self) -> "TargetEngine":
         """A new engine state (empty cache) sharing this one's weights and model lock."""
-        return TargetEngine(self.model, self.tokenizer, self.device, self.model_lock)
+        return TargetEngine(self.model, self.tokenizer, self.device, self.model_lock, self.kernels)
 
     def _new_cache(self) -> DynamicCache:
         cache = DynamicCache(config=self.model.config)
@@ -107,27 +116,37 @@ class TargetEngine:
     def reset(self) -> None:
         self.cache = self._new_cache()
 
-    @torch.inference_mode()
-    def forward(self, ids: list[int]) -> torch.Tensor:
-        """Feed ids after the cache; returns float32 logits [len(ids), V] on the CPU.
+    def forward(self, ids: list[int], last_only: bool = False) -> torch.Tensor:
+        """Feed ids after the cache; returns float32 logits [len(ids), V] on the CPU ([1, V] with
+        last_only: only the last row is computed, as a prefill needs).
 
         Row i is the target's next-token logits after ids[i]: for a verify pass fed with
         [last committed?] + drafted, the rows give the distribution at every drafted position and at
         the position after the block, in one forward pass.
         """
+        return self._pass(ids, last_only)
+
+    @torch.inference_mode()
+    def _pass(self, ids: list[int], last_only: bool) -> torch.Tensor:
         if not ids:
             raise ValueError("forward needs at least one token")
         x = torch.tensor([ids], dtype=torch.long, device=self.device)
         with self.model_lock:
-            out = self.model(input_ids=x, cache=self.cache, use_cache=True)
+            # logits_to_keep=0 keeps every row; 1 runs the output layer on the last row only
+            out = self.model(input_ids=x, cache=self.cache, use_cache=True,
+                             logits_to_keep=1 if last_only else 0)
             self.forward_passes += 1
-        return out.logits[0].float().cpu()
+        logits = out.logits[0]  # [rows, V]
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        return logits if logits.device.type == "cpu" else logits.cpu()
 
     def prefill(self, ids: list[int], chunk: int = 512) -> torch.Tensor:
-        """Feed a prompt (in chunks, so a long prompt does not spike memory); returns last logits [V]."""
+        """Feed a prompt (in chunks, so a long prompt does not spike memory); returns last logits [V].
+        Every chunk computes the output layer for its last row only."""
         last = None
         for start in range(0, len(ids), chunk):
-            last = self.forward(ids[start:start + chunk])[-1]
+            last = self._pass(ids[start:start + chunk], last_only=True)[-1]
         return last
 
     def rollback(self, length: int) -> None:
@@ -145,6 +164,31 @@ class TargetEngine:
         while i < n and committed[i] == new[i]:
             i += 1
         return i
+
+
+def measure_verify_curve(engine: TargetEngine, ks=(1, 2, 4, 8, 16), context: int = 200,
+                         repeats: int = 3, seed: int = 0) -> dict[int, float]:
+    """Seconds per forward pass of k tokens after a `context`-token cache: {k: min over repeats}.
+
+    Each measurement starts from a fresh cache holding a random context (prefilled once per
+    repeat), then times one `forward` of k random ids. Uses a fork: the engine's own cache is left
+    alone. Timings do not depend on the weights' or the ids' values.
+    """
+    probe = engine.fork()
+    g = torch.Generator().manual_seed(seed)
+    vocab = engine.vocab_size
+    curve: dict[int, float] = {}
+    for k in ks:
+        best = float("inf")
+        for _ in range(repeats):
+            probe.reset()
+            probe.prefill(torch.randint(0, vocab, (context,), generator=g).tolist())
+            ids = torch.randint(0, vocab, (k,), generator=g).tolist()
+            t0 = time.perf_counter()
+            probe.forward(ids)
+            best = min(best, time.perf_counter() - t0)
+        curve[k] = best
+    return curve
 
 
 def greedy_reference(engine: TargetEngine, prompt: list[int], max_new_tokens: int,
