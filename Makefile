@@ -55,7 +55,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
 bench: install
-	$(VENV)/bin/picospec bench --prompts humaneval,gsm8k,mt-bench --limit 4 --rtt-ms 50,150 --json bench/results/bench.json --plot bench/results/bench.png
+	$(VENV)/bin/picospec bench --prompts humaneval,gsm8k,mt-bench --limit 2 --rtt-ms 20,100,400 --modes cloud,sync,pipeline,auto --json bench/results/bench.json --plot bench/results/bench.png
 
 models: install
 	$(VENV)/bin/picospec models

@@ -47,12 +47,13 @@ def register(sub) -> None:
                         "\"prompt\", \"turns\" (first used) or \"question\" (default: all three sets)")
     g.add_argument("--limit", type=int, default=4, help="prompts per set, the first N (default 4)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="per answer (default 64)")
-    g.add_argument("--modes", type=_modes, default=["edge", "cloud", "sync", "pipeline", "hf-assisted"],
-                   help="comma-separated from edge, cloud, sync, pipeline, hf-assisted (default: all)")
+    g.add_argument("--modes", type=_modes, default=["edge", "cloud", "sync", "pipeline", "auto", "hf-assisted"],
+                   help="comma-separated from edge, cloud, sync, pipeline, auto, hf-assisted (default: all)")
     g.add_argument("--block", type=int, default=None,
                    help="fixed drafted tokens per block (default adaptive; hf-assisted: num_assistant_tokens)")
     g = p.add_argument_group("emulated link")
-    g.add_argument("--rtt-ms", type=_floats, default=[50.0, 150.0], help="one or more, comma-separated (default 50,150)")
+    g.add_argument("--rtt-ms", type=_floats, default=[20.0, 100.0, 400.0],
+                   help="one or more, comma-separated (default 20,100,400)")
     g.add_argument("--up-kbps", type=float, default=None, help="edge -> cloud bandwidth (default unlimited)")
     g.add_argument("--down-kbps", type=float, default=None, help="cloud -> edge bandwidth (default unlimited)")
     g.add_argument("--jitter-ms", type=float, default=0.0, help="uniform +- per chunk, each way")
@@ -118,7 +119,7 @@ def run(args) -> int:
                       loss=args.loss, draft=args.draft, target=args.target, token=args.token, dtype=args.dtype,
                       threads=args.threads, pin=not args.no_pin, cloud=args.cloud,
                       figures=figures)
-    link_runs = len([m for m in args.modes if m in ("cloud", "sync", "pipeline")]) * len(args.rtt_ms)
+    link_runs = len([m for m in args.modes if m in ("cloud", "sync", "pipeline", "auto")]) * len(args.rtt_ms)
     total = len(prompts) * (link_runs + ("edge" in args.modes) + ("hf-assisted" in args.modes))
     machine = machine_info()
     step, close = _progress_bar(total)
@@ -142,17 +143,21 @@ def run(args) -> int:
              "workdir": str(cfg.workdir)}
     rows, mismatches = report.build_rows(result.records, result.run_info, args.rtt_ms, args.modes)
     breakeven = report.break_even(result.records, result.run_info, rows)
+    categories = report.category_rows(result.records, args.rtt_ms, args.modes)
     print(setup.get("cores", ""))
+    print(report.format_verify_curve(result.setup.get("verify_curve_s") or {}))
     print(report.format_table(rows))
     for line in report.table_notes(rows, mismatches, breakeven):
         print("  " + line)
+    print("\nper prompt category (Spec-Bench: tokens per verify pass, mean of per-prompt speedups):")
+    print(report.format_category_table(categories))
     if busy_machine_note(machine):
         print("  " + busy_machine_note(machine))
     for err in result.errors:
         print(f"  ERROR {err['mode']}@{err['rtt_ms']} {err['prompt']}: {err['error']}")
     if args.json_out:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
-        doc = report.build_json(rows, setup, breakeven, mismatches, result.records, result.run_info)
+        doc = report.build_json(rows, setup, breakeven, mismatches, result.records, result.run_info, categories)
         args.json_out.write_text(report.dumps(doc))
         print(f"  wrote {args.json_out}")
     if args.plot:

@@ -11,7 +11,8 @@ from bench.report import MODE_ORDER
 STYLE = {  # mode -> (colour, line style, label suffix)
     "cloud": ("#555555", "-", " (target alone)"),
     "sync": ("#1f77b4", "-", " (vanilla speculative)"),
-    "pipeline": ("#d62728", "-", " (PicoSpec)"),
+    "pipeline": ("#d62728", "-", " (PicoSpec, fixed)"),
+    "auto": ("#ff7f0e", "-", " (PicoSpec default)"),
     "hf-assisted": ("#2ca02c", "--", " (co-located, no network)"),
     "edge": ("#9467bd", ":", " (draft alone, NOT target quality)"),
 }

@@ -19,6 +19,7 @@ from statistics import mean
 from edge_app.energy import joules_per_token
 from edge_app.meters import percentile
 from edge_app.policy import pipeline_rate, sync_rate
+from edge_app.stats import acceptance_rate
 
 SPECULATIVE = ("sync", "pipeline", "auto", "hf-assisted")  # must reproduce cloud-only's greedy ids
 LINK_FREE = ("edge", "hf-assisted")  # measured once, reported on every rtt row
@@ -102,7 +103,7 @@ def model_params(pooled: dict, rtt_ms: float, overhead_s: float | None,
     else:
         return None
     overhead = overhead_s or 0.0
-    return ModelParams(a=pooled["accepted"] / verified, g=max(1, round(mean(pooled["block_sizes"]))),
+    return ModelParams(a=acceptance_rate(pooled["accepted"], pooled["rejected"]), g=max(1, round(mean(pooled["block_sizes"]))),
                        t_draft=pooled["draft_s"] / pooled["draft_steps"], t_rtt=rtt_ms / 1e3 + overhead,
                        t_verify=t_verify, rtt_overhead=overhead, t_verify_source=source)
 
@@ -167,14 +168,13 @@ def summarise_run(mode: str, rtt_ms: float, records: list[dict], info: dict, ove
     bound = bound_rate(mode, params)
     rate = _ratio(p["new_tokens"], p["wall_s"])
     energy = info.get("energy") or {}
-    verified = p["accepted"] + p["rejected"]
     row = {
         "mode": mode, "rtt_ms": rtt_ms, "link_used": mode not in LINK_FREE,
         "target_quality": mode != "edge", "prompts": p["prompts"], "new_tokens": p["new_tokens"],
         "wall_s": p["wall_s"], "tokens_per_s": rate, "decode_tokens_per_s": p["decode_tokens_per_s"],
         "speedup_vs_cloud": None, "speedup_vs_sync": None,
         # transformers does not say how many tokens its assistant drafted: no acceptance rate there
-        "acceptance_rate": p["accepted"] / verified if verified and mode != "hf-assisted" else None,
+        "acceptance_rate": acceptance_rate(p["accepted"], p["rejected"]) if mode != "hf-assisted" else None,
         "mean_accepted": _ratio(p["accepted"], p["rounds"]) if p["rounds"] else None,
         "tokens_per_pass": tokens_per_pass(p),
         "rounds": p["rounds"],

@@ -77,7 +77,7 @@ def comparison_rows(pipe: dict, cloud: dict) -> list[tuple[str, str, str]]:
     ]
 
 
-def format_table(rows: list[tuple[str, str, str]], heads=("", "pipeline", "cloud only")) -> str:
+def format_table(rows: list[tuple[str, str, str]], heads=("", "picospec (auto)", "cloud only")) -> str:
     rows = [heads, *rows]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     line = lambda r: f"  {r[0]:<{widths[0]}}   {r[1]:>{widths[1]}}   {r[2]:>{widths[2]}}"  # noqa: E731
@@ -109,7 +109,7 @@ async def demo(args) -> int:
             say(f"{'' if s['mode'] == 'cloud' else chr(10)}   [{s['mode']} turn {i}: {s['new_tokens']} tokens, "
                 f"{s['tokens_per_s']:.2f} tok/s{acceptance}, TTFT {s['ttft_s'] or 0:.2f} s]", dim=True)
 
-        say("\n== 1. pipeline: the edge drafts, the cloud verifies (verified text streams as it is committed)")
+        say("\n== 1. PicoSpec (auto mode): the edge drafts, the cloud verifies (verified text streams as it is committed)")
         pipe = await converse(client, CONVERSATION, options, make_view, report)
         await drop_session(client)  # a fresh verifier session: cloud-only starts from an empty cache too
 

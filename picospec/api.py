@@ -39,7 +39,7 @@ class PicoSpec:
 
     def generate(self, prompt: str | list[int], *, raw: bool = False, system: str | None = None,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                 seed: int | None = None, n: int = 1, mode: str = "pipeline", variant: str = "exact",
+                 seed: int | None = None, n: int = 1, mode: str = "auto", variant: str = "exact",
                  paper_top_k: int = 8, block: int | None = None, run_ahead: int | None = None,
                  on_commit=None) -> dict:
         """Generate n completions; prompt is text (chat-templated unless raw) or token ids."""

@@ -170,27 +170,36 @@ def test_edge_mode_is_the_draft_alone(target):
 
 
 def test_kv_cache_reused_across_turns(server, target):
-    """A second turn that extends the first re-sends the context; both sides keep the prefix."""
+    """A second turn that extends the first re-sends the whole context; both sides compute only
+    what is new (counted: the drafter's fed ids, the verifier's prefilled tokens)."""
     drafter = TinyDrafter(perturbed(target, 0.5))
+    fed: list[int] = []
+    feed = drafter.feed
+    drafter.feed = lambda ids: (fed.append(len(ids)), feed(ids))[1]
+    counters = server.server.metrics._counters
+
+    def prefilled() -> float:
+        return counters[("picospec_prefill_tokens_total", ())]
 
     async def two_turns():
         link = CloudLink(server.url)
         await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
             "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}))
-        opts = GenerateOptions(max_new_tokens=10, stop_ids=(EOS,))
-        p1 = Pipeline(drafter, link, opts)
-        first = await p1.run(PROMPTS[1])
+        opts = GenerateOptions(max_new_tokens=10, stop_ids=(EOS,), mode="sync")
+        first = await Pipeline(drafter, link, opts).run(PROMPTS[1])
         second_prompt = PROMPTS[1] + first.token_ids + [4, 4]
-        before = drafter.length
-        p = Pipeline(drafter, link, opts)
-        second = await p.run(second_prompt)
+        fed.clear()
+        cloud_before = prefilled()
+        second = await Pipeline(drafter, link, opts).run(second_prompt)
         await link.close()
-        return first, second, before, second_prompt
+        return first, second, second_prompt, prefilled() - cloud_before
 
-    first, second, drafter_len_before, prompt2 = asyncio.run(two_turns())
+    first, second, prompt2, cloud_prefilled = asyncio.run(two_turns())
     assert first.token_ids == reference(target, PROMPTS[1], 10)
     assert second.token_ids == reference(target, prompt2, 10)
-    assert drafter_len_before >= len(PROMPTS[1]) + len(first.token_ids) - 1
+    new_tokens = len(prompt2) - len(PROMPTS[1]) - len(first.token_ids) + 1  # + the unfed last token
+    assert fed[0] <= new_tokens, (fed[0], new_tokens)  # the drafter's prefill of turn two
+    assert cloud_prefilled <= new_tokens, (cloud_prefilled, new_tokens)
 
 
 DRAFT_NOISE = 2.0
