@@ -127,6 +127,7 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
     from edge_app.client import EdgeClient, EdgeConfig
     from edge_app.embedded import split_cores
     from edge_app.energy import pick_sensor
+    from edge_app.probe import measure_verify_curve
 
     split = split_cores() if cfg.pin else None
     if split:
@@ -157,6 +158,9 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
         await _warm_up(client, cfg, link_modes)
         if client.link is not None and client.link.welcome is not None:
             result.setup["target"] = client.link.welcome.model
+            progress("measuring the verifier's T(k) curve", False)
+            curve = await measure_verify_curve(client.link, client.link.welcome.vocab_size)
+            result.setup["verify_curve_s"] = {str(k): v for k, v in curve.items()}
         if "edge" in cfg.modes:
             await _run_mode(client, cfg, "edge", None, ids, result, sensor, None, progress)
         for rtt in cfg.rtts_ms if link_modes else []:

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import codec
 from edge_app import energy
 
 # Flags that matter to llama.cpp's CPU kernels, as /proc/cpuinfo spells them.
@@ -264,17 +265,52 @@ def recommend_mode(rtt_ms: float | None, draft_ms: float | None, verify_ms: floa
             "modelled_tok_s": rates, "inputs": numbers, "assumed": assumed}
 
 
+def verify_curve_section(cloud: str | None, token: str | None = None) -> dict:
+    """The verifier's T(k) (ms per verify pass of k tokens), measured over the protocol when a
+    verifier URL is given; the edge itself cannot run the target."""
+    if not cloud:
+        return {"measured": False, "note": "give --cloud URL (a running verifier) to measure T(k)"}
+    import asyncio
+
+    from edge_app.link import CloudError, CloudLink
+    from edge_app.probe import measure_verify_curve
+    from models.fingerprint import from_gguf
+    from models.resolve import ensure_ready, resolve_draft
+
+    async def probe() -> dict[int, float]:
+        link = CloudLink(cloud)
+        fingerprint = from_gguf(ensure_ready(resolve_draft(None))).to_dict()
+        await link.connect(codec.Hello(fingerprint=fingerprint, sampling={"temperature": 0.0, "top_p": 1.0,
+                                                                          "top_k": 0, "seed": None},
+                                       token=token, client="picospec-doctor"))
+        try:
+            return await measure_verify_curve(link, link.welcome.vocab_size)
+        finally:
+            await link.close()
+
+    try:
+        curve = asyncio.run(probe())
+    except (CloudError, OSError, ValueError) as err:
+        return {"measured": False, "note": f"could not measure T(k) at {cloud}: {err}"}
+    ms = {k: round(v * 1e3, 1) for k, v in sorted(curve.items())}
+    return {"measured": True, "cloud": cloud, "t_ms": ms,
+            "t8_over_t1": round(curve[8] / curve[1], 2) if 1 in curve and 8 in curve else None}
+
+
 def collect(rtt_ms: float | None = None, draft_ms: float | None = None,
             verify_ms: float | None = None, acceptance: float | None = None,
-            root: str | Path = "/") -> dict:
+            root: str | Path = "/", cloud: str | None = None, token: str | None = None) -> dict:
     """Everything `picospec doctor` reports, as a JSON-ready dict."""
     root = Path(root)
+    curve = verify_curve_section(cloud, token)
+    if verify_ms is None and curve["measured"]:
+        verify_ms = curve["t_ms"].get(4)  # a typical block
     cpu = cpu_section(root)
     memory = parse_meminfo(_read(root / "proc/meminfo") or "")
     threads, why = recommend_threads(cpu["physical_cores"], cpu["logical_cores"])
     report = {"cpu": cpu, "memory": memory, "os": system_section(root), "llama_cpp": llama_cpp_section(),
               "gpu": gpu_section(root), "energy_sensors": energy.sensor_report(root),
-              "models": models_section()}
+              "models": models_section(), "verify_curve": curve}
     notes = []
     if (memory["available_mib"] or 1e9) < 1024:
         notes.append("under 1 GiB available: the default draft needs ~0.6 GiB RSS")
@@ -294,11 +330,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-ms", type=float, help="measured draft time per token, in ms")
     p.add_argument("--verify-ms", type=float, help="measured cloud verify pass, in ms")
     p.add_argument("--acceptance", type=float, help="measured per-token acceptance (0..1)")
+    p.add_argument("--cloud", default=None, help="a running verifier (ws://host:port): measure its T(k) curve")
+    p.add_argument("--token", default=None, help="the verifier's shared secret, if it has one")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    report = collect(args.rtt_ms, args.draft_ms, args.verify_ms, args.acceptance)
+    report = collect(args.rtt_ms, args.draft_ms, args.verify_ms, args.acceptance,
+                     cloud=args.cloud, token=args.token)
     print(json.dumps(report, indent=2, default=str) if args.json else render(report))
     return 0
 
@@ -328,6 +367,12 @@ def render(report: dict) -> str:
         lines += [f"models   {line}" for line in _model_lines(models["described"])]
     else:
         lines.append(f"models   cache {models['cache_dir']}: {len(models['files'])} file(s) ({models['note']})")
+    curve = report.get("verify_curve") or {}
+    if curve.get("measured"):
+        points = "  ".join(f"{k}: {v:g}" for k, v in curve["t_ms"].items())
+        lines.append(f"T(k)     verify pass of k tokens, ms: {points}  (T(8)/T(1) {curve['t8_over_t1']})")
+    else:
+        lines.append(f"T(k)     {curve.get('note', 'not measured')}")
     lines.append(f"threads  {rec['threads']} ({rec['threads_reason']})")
     if "mode" in rec:
         rates = ", ".join(f"{k} {v:.2f}" for k, v in rec["modelled_tok_s"].items())
