@@ -109,31 +109,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--random-init", action="store_true", help="random weights, default target geometry")
     ap.add_argument("--kernels", default="stock,fast")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                    help="cpu: the calling thread's CPU time (steadier on a shared machine; one thread only)")
     ap.add_argument("--greedy", type=int, default=8, help="greedy tokens compared (0: skip the check)")
     ap.add_argument("--json", default="bench/results/verify_curve.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
     kernels = args.kernels.split(",")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 
     t0 = time.perf_counter()
     engine = random_target() if args.random_init else real_target()
     print(f"target loaded in {time.perf_counter() - t0:.1f} s ({'random init' if args.random_init else 'real weights'}), "
-          f"{args.threads} thread(s), context {args.context}, load average {load_average()}", flush=True)
+          f"{args.threads} thread(s), context {args.context}, {args.clock} clock, load average {load_average()}", flush=True)
 
     described, curves = {}, {kernel: {k: float("inf") for k in ks} for kernel in kernels}
     loads = [load_average()]
     for r in range(args.repeats):  # alternate the kernels so both see the same machine
         for kernel in kernels:
             described[kernel] = use_kernel(engine, kernel)
-            curve = measure_verify_curve(engine, ks, context=args.context, repeats=1, seed=r)
+            curve = measure_verify_curve(engine, ks, context=args.context, repeats=1, seed=r, clock=clock)
             curves[kernel] = {k: min(curves[kernel][k], curve[k]) for k in ks}
         loads.append(load_average())
         print(f"  repeat {r + 1}/{args.repeats}: " + "; ".join(
             f"{kernel} " + " ".join(f"{curve_ms:.0f}" for curve_ms in (curves[kernel][k] * 1e3 for k in ks))
             for kernel in kernels) + f" ms (load {loads[-1]})", flush=True)
 
-    print(f"\nT(k) in ms, min over {args.repeats} repeats; load average before/after: {loads[0]} / {loads[-1]}")
+    print(f"\nT(k) in ms ({args.clock} clock), min over {args.repeats} repeats; load average before/after: {loads[0]} / {loads[-1]}")
     print(f"{'k':>4} " + " ".join(f"{kernel:>10}" for kernel in kernels))
     for k in ks:
         print(f"{k:>4} " + " ".join(f"{curves[kernel][k] * 1e3:10.1f}" for kernel in kernels))
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stock vs fast, 8-token pass: max |logit diff| {check['max_abs_logit_diff']:.2e} "
               f"(logits up to {check['logit_scale']:.1f}); greedy {args.greedy} tokens equal: {check['greedy_equal']}")
 
-    result = {"threads": args.threads, "context": args.context, "repeats": args.repeats,
+    result = {"threads": args.threads, "context": args.context, "repeats": args.repeats, "clock": args.clock,
               "random_init": args.random_init, "load_average": loads, "kernels": described,
               "T_s": {kernel: {str(k): v for k, v in curve.items()} for kernel, curve in curves.items()},
               "ratio_8_1": ratios, "check": check, "torch": torch.__version__}

@@ -30,7 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 ENV_SWITCH = "PICOSPEC_FAST_LINEAR"
-OP_NAMESPACE = "picospec_kernels"
+# Above this many rows (a long prefill chunk) torch's stock kernel is faster: the arithmetic, not
+# the weight stream, is then the cost, and MKL's large GEMM is ~1.5x ours at 200 rows. Verify
+# passes, one-token passes and short prefill chunks stay on the row-streaming kernel.
+MAX_ROWS = 64
 
 _CPP_SOURCE = r"""
 #include <ATen/ATen.h>
@@ -224,13 +227,14 @@ def rowstream_linear(x: torch.Tensor, weight: torch.Tensor,
 
 class RowStreamLinear(nn.Linear):
     """An nn.Linear (same parameters, same state dict) whose CPU float32 inference uses the
-    row-streaming kernel. Where autograd is needed, or the tensors are not float32 on the CPU, it is
-    torch's stock F.linear."""
+    row-streaming kernel for up to MAX_ROWS rows. Beyond that, where autograd is needed, or where
+    the tensors are not float32 on the CPU, it is torch's stock F.linear."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (x.device.type == "cpu" and w.device.type == "cpu" and x.dtype == torch.float32
                 and w.dtype == torch.float32 and w.is_contiguous()
+                and x.numel() <= MAX_ROWS * x.shape[-1]
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return torch.ops.picospec_kernels.rowstream_linear(x, w, self.bias)
         return F.linear(x, w, self.bias)

@@ -193,3 +193,14 @@ def test_autograd_falls_back_to_the_stock_kernel():
     x = torch.randn(3, 16, requires_grad=True)
     lin(x).sum().backward()
     assert x.grad is not None and lin.weight.grad is not None
+
+
+@needs_kernel
+def test_long_prefill_chunks_use_the_stock_kernel():
+    lin = nn.Linear(32, 8)
+    lin.__class__ = RowStreamLinear
+    x = torch.randn(kernels.MAX_ROWS + 1, 32)
+    with torch.inference_mode():
+        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+        short = lin(x[:kernels.MAX_ROWS])
+    assert torch.equal(short, kernels.rowstream_linear(x[:kernels.MAX_ROWS], lin.weight, lin.bias))
