@@ -15,6 +15,8 @@
 #   --stats-port S       HAProxy stats page and Prometheus metrics on 127.0.0.1:S (default 8404)
 #   --workdir DIR        where the generated haproxy.cfg and the logs go (default: a new temp dir)
 #   --startup-timeout S  seconds to wait for each replica to load its model (default 900)
+#   --stop-timeout S     on exit, seconds each replica gets to drain after SIGTERM before SIGKILL
+#                        (default 50: the verifier's 45 s drain deadline plus a margin)
 #   -- ARGS...           passed to every replica (after --host 127.0.0.1 --port PORT)
 # Environment:
 #   PICOSPEC_SERVE       the replica command (default `picospec serve`, else `python -m cloud.cli`);
@@ -27,7 +29,7 @@
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-replicas=2 port=8765 base_port="" tls_pem="" tls_port=8443 stats_port=8404 workdir="" startup_timeout=900
+replicas=2 port=8765 base_port="" tls_pem="" tls_port=8443 stats_port=8404 workdir="" startup_timeout=900 stop_timeout=50
 replica_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -39,6 +41,7 @@ while [ $# -gt 0 ]; do
     --stats-port) stats_port="$2"; shift 2 ;;
     --workdir) workdir="$2"; shift 2 ;;
     --startup-timeout) startup_timeout="$2"; shift 2 ;;
+    --stop-timeout) stop_timeout="$2"; shift 2 ;;
     --) shift; replica_args=("$@"); break ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "cluster.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -64,7 +67,7 @@ cleanup() {
   trap - EXIT INT TERM HUP
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
   for pid in "${pids[@]}"; do
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq $((stop_timeout * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
   done
   if [ -n "$haproxy_pid" ]; then kill -TERM "$haproxy_pid" 2>/dev/null || true; fi
