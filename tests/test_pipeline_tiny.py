@@ -277,7 +277,7 @@ def test_paper_variant_drifts_by_what_the_math_predicts(server, target):
 
 
 # -- auto: the mode chosen from measured numbers ---------------------------------------------------
-async def _auto_answers(url, drafter, prompts, estimates, n=24):
+async def _auto_answers(url, drafter, prompts, estimates, n=24, fill=True):
     from edge_app.policy import Estimates  # noqa: F401 (the type the pipeline carries)
 
     link = CloudLink(url)
@@ -286,7 +286,7 @@ async def _auto_answers(url, drafter, prompts, estimates, n=24):
     out = []
     try:
         for prompt in prompts:
-            opts = GenerateOptions(max_new_tokens=n, stop_ids=(EOS,), mode="auto")
+            opts = GenerateOptions(max_new_tokens=n, stop_ids=(EOS,), mode="auto", fill=fill)
             out.append(await Pipeline(drafter, link, opts, estimates=estimates).run(prompt))
     finally:
         await link.close()
@@ -298,12 +298,15 @@ def test_auto_is_exact_and_learns_the_numbers_it_plans_with(server, target, nois
     from edge_app.policy import Estimates
 
     est = Estimates()
-    answers = asyncio.run(_auto_answers(server.url, TinyDrafter(perturbed(target, noise)), PROMPTS, est))
+    # without bubble filling, so that the tiny (fast) cloud does not write every token itself
+    answers = asyncio.run(_auto_answers(server.url, TinyDrafter(perturbed(target, noise)), PROMPTS, est,
+                                        fill=False))
     for prompt, ans in zip(PROMPTS, answers):
         assert ans.token_ids == reference(target, prompt, 24)
     assert est.t_draft
-    if noise == 0.0:  # (an unrelated draft may never see a verdict: the idle cloud fills every token)
-        assert est.verify and est.acceptance == 1.0
+    assert est.verify and est.acceptance is not None
+    if noise == 0.0:
+        assert est.acceptance == 1.0
 
 
 def test_auto_hands_answers_to_the_cloud_when_drafting_cannot_pay(server, target):
