@@ -7,6 +7,10 @@ import os
 import signal
 import sys
 
+from cloud.drain import drain
+
+DRAIN_TIMEOUT_S = 45.0  # must match deploy/k8s (terminationGracePeriodSeconds) and docs/DEPLOY.md
+
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -36,6 +40,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--msg-burst", type=float, default=800.0, help="messages per connection allowed at once")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve wss:// (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S,
+                   help="seconds a SIGTERM drain may take before open sessions are cut (default 45)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-json", action="store_true", help="logs as JSON lines (with session ids)")
 
@@ -92,12 +98,31 @@ async def serve_forever(server) -> None:
     ws = "wss" if server.scheme == "https" else "ws"
     print(f"picospec verifier: {server.model_name} on {server.scheme}://{server.config.host}:{port} "
           f"({ws}:// /ws, /healthz, /metrics)", file=sys.stderr, flush=True)
-    stop = asyncio.Event()
+    stop, drain_asked = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+
+    def on_sigterm() -> None:  # the first drains; a second ends the drain at once
+        (stop if drain_asked.is_set() else drain_asked).set()
+
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    await _wait_first(stop.wait(), drain_asked.wait())
+    if drain_asked.is_set() and not stop.is_set():
+        print("picospec verifier: draining (a second SIGTERM stops at once)", file=sys.stderr, flush=True)
+        deadline = getattr(server, "drain_timeout_s", DRAIN_TIMEOUT_S)
+        done = await _wait_first(drain(server, deadline), stop.wait(), timeout=deadline + 1.0)
+        print(f"picospec verifier: drained {done}", file=sys.stderr, flush=True)
     await server.stop()
+
+
+async def _wait_first(*aws, timeout: float | None = None):
+    """Run awaitables until the first finishes (the rest are cancelled); its result, or None."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    finished, pending = await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    return next(iter(finished)).result() if finished else None
 
 
 def run(args) -> int:
@@ -110,6 +135,7 @@ def run(args) -> int:
     except (ModelError, OSError, ValueError) as err:  # a missing model, TLS file or tokens file
         print(f"picospec serve: {err}", file=sys.stderr)
         return 2
+    server.drain_timeout_s = args.drain_timeout
     asyncio.run(serve_forever(server))
     return 0
 

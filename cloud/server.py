@@ -49,6 +49,11 @@ class ServerConfig:
     hello_timeout_s: float = 10.0
     idle_timeout_s: float = 300.0
     max_block: int = 16
+    # cross-session batching (cloud/scheduler.py): every ready session's pass in one forward pass
+    # per tick, up to batch_max_tokens fed ids; prompts are fed prefill_chunk ids per pass
+    batch: bool = True
+    batch_max_tokens: int = 256
+    prefill_chunk: int = 128
     # fill bubbles with the cloud's own target tokens only while the verifier is this lightly
     # shared: with many sessions, idle time of one is another's verify time
     fill_max_sessions: int = 2
@@ -74,11 +79,12 @@ class VerifierServer:
         self.model_name = model_name
         self.config = config
         self.eos_id = eos_id if eos_id is not None else fingerprint.get("eos_id")
-        self.scheduler = Scheduler()
         self.metrics = Metrics()
+        self.scheduler = Scheduler(batch=config.batch, max_tokens=config.batch_max_tokens, metrics=self.metrics)
         for name in COUNTERS:  # present from the start at 0, so a scraper's rate() has a baseline
             self.metrics.inc(name, 0)
         self.sessions: dict[str, VerifySession] = {}
+        self.draining = False  # set by cloud.drain: refuse new sessions, /healthz answers 503
         self.admission = Admission(config.accepted_tokens, fingerprint, model_name,
                                    config.max_sessions, config.max_sessions_per_token)
         self._conns: set[Conn] = set()
@@ -114,12 +120,13 @@ class VerifierServer:
 
     # -- plain routes ------------------------------------------------------------------------
     async def healthz(self, request: web.Request) -> web.Response:
+        # 503 while draining: load balancers and readiness probes route new sessions elsewhere
         return web.json_response({
-            "status": "ok", "model": self.model_name, "vocab_size": self.engine.vocab_size,
+            "status": "draining" if self.draining else "ok", "model": self.model_name, "vocab_size": self.engine.vocab_size,
             "sessions": len(self.sessions), "protocol": list(codec.SUPPORTED_VERSIONS),
             "device": str(self.engine.device),
             "fingerprint": self.fingerprint,  # the tokenizer's (public): what a hello must match
-        })
+        }, status=503 if self.draining else 200)
 
     async def metrics_route(self, request: web.Request) -> web.Response:
         m = self.metrics
@@ -178,6 +185,8 @@ class VerifierServer:
         hello = decode_frame(msg.data, self.engine.vocab_size, cfg.max_msg_size)
         if not isinstance(hello, codec.Hello):
             raise SessionError("bad_message", f"expected hello, got {type(hello).__name__}")
+        if self.draining:
+            raise SessionError("draining", "this verifier is draining; connect to another replica")
         conn.quota_key, params = self.admission.admit(hello, peer, len(self.sessions))
         # no await between admit and taking the slot: concurrent hellos cannot overfill
         conn.session = VerifySession(self.engine.fork(), params, hello.variant, hello.paper_top_k,

@@ -50,7 +50,8 @@ class GenerationStats:
     wall_s: float = 0.0
     ttft_s: float | None = None
     new_tokens: int = 0
-    reconnects: int = 0
+    reconnects: int = 0  # the verifier was lost and a new session resumed the answer
+    migrations: int = 0  # a draining replica handed the answer to another one (not a failure)
     edge_only_tokens: int = 0
     filled: int = 0
     mode_switches: list[str] = field(default_factory=list)
@@ -69,6 +70,7 @@ class GenerationStats:
             "rounds": self.rounds,
             "stale_drafts": self.stale_drafts,
             "reconnects": self.reconnects,
+            "migrations": self.migrations,
             "filled": self.filled,
             "mode_switches": list(self.mode_switches),
             "edge_only_tokens": self.edge_only_tokens,

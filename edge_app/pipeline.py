@@ -28,8 +28,9 @@ from edge_app.recovery import run_edge_only, run_edge_until_cloud_returns
 from edge_app.speculate import SWITCH_TO_CLOUD, SpeculativeLoop
 from edge_app.variants import variant_for
 
-# "idle_timeout": the verifier evicted a session that sat idle; a new one resumes the answer
-RETRYABLE = ("disconnected", "timeout", "unreachable", "idle_timeout")
+# "idle_timeout": the verifier evicted a session that sat idle; a new one resumes the answer.
+# "draining": the replica is leaving the fleet (SIGTERM); another one resumes it (not a failure)
+RETRYABLE = ("disconnected", "timeout", "unreachable", "idle_timeout", "draining")
 RECHECK_AFTER = 4  # auto: cloud-only answers in a row before one speculates again to re-measure
 
 
@@ -84,7 +85,10 @@ class Pipeline:
             except CloudError as err:
                 if self.reconnect is None or err.code not in RETRYABLE:
                     raise
-                self.stats.reconnects += 1
+                if err.code == "draining":
+                    self.stats.migrations += 1  # a planned move to another replica
+                else:
+                    self.stats.reconnects += 1
                 self._count_link_bytes()
                 self.link = await self.reconnect(err)
                 if self.link is None:

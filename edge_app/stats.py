@@ -8,7 +8,8 @@ from __future__ import annotations
 
 # counters that add up over answers (every stats dict has them)
 SUMMED = ("drafted", "accepted", "rejected", "recovered", "bonus", "rounds", "stale_drafts",
-          "bytes_up", "bytes_down", "wall_s", "new_tokens", "reconnects", "edge_only_tokens", "filled")
+          "bytes_up", "bytes_down", "wall_s", "new_tokens", "reconnects", "migrations", "edge_only_tokens",
+          "filled")
 
 
 def acceptance_rate(accepted: int, rejected: int) -> float | None:

@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-sessions-per-token", type=int, default=64)
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--seed", type=int, default=0, help="the tiny target's seed (tests.tiny.tiny_model)")
+    p.add_argument("--delay-ms", type=float, default=0.0, help="each forward pass takes at least this long")
+    p.add_argument("--drain-timeout", type=float, default=45.0)
     args, _ = p.parse_known_args(argv)
 
     import torch
@@ -26,11 +28,16 @@ def main(argv: list[str] | None = None) -> int:
     from cloud.engine import TargetEngine
     from cloud.logs import setup_logging
     from cloud.server import ServerConfig, VerifierServer
-    from tests.tiny import fingerprint, tiny_model
+    from tests.tiny import SlowEngine, fingerprint, tiny_model
 
     setup_logging(args.log_level)
     config = ServerConfig(host=args.host, port=args.port, max_sessions_per_token=args.max_sessions_per_token)
-    server = VerifierServer(TargetEngine(tiny_model(args.seed)), fingerprint(), "tiny-qwen2", config)
+    engine = TargetEngine(tiny_model(args.seed))
+    if args.delay_ms:
+        engine = SlowEngine(engine.model)
+        engine.delay_s = args.delay_ms / 1e3
+    server = VerifierServer(engine, fingerprint(), "tiny-qwen2", config)
+    server.drain_timeout_s = args.drain_timeout
     asyncio.run(serve_forever(server))
     return 0
 
