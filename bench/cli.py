@@ -48,7 +48,8 @@ def register(sub) -> None:
     g.add_argument("--limit", type=int, default=4, help="prompts per set, the first N (default 4)")
     g.add_argument("--max-new-tokens", type=int, default=64, help="per answer (default 64)")
     g.add_argument("--modes", type=_modes, default=["edge", "cloud", "sync", "pipeline", "auto", "hf-assisted"],
-                   help="comma-separated from edge, cloud, sync, pipeline, auto, hf-assisted (default: all)")
+                   help="comma-separated from edge, cloud, sync, pipeline, auto, branch (pipeline with branch "
+                        "pre-drafting), hf-assisted (default: all but branch)")
     g.add_argument("--block", type=int, default=None,
                    help="fixed drafted tokens per block (default adaptive; hf-assisted: num_assistant_tokens)")
     g = p.add_argument_group("emulated link")
@@ -119,7 +120,7 @@ def run(args) -> int:
                       loss=args.loss, draft=args.draft, target=args.target, token=args.token, dtype=args.dtype,
                       threads=args.threads, pin=not args.no_pin, cloud=args.cloud,
                       figures=figures)
-    link_runs = len([m for m in args.modes if m in ("cloud", "sync", "pipeline", "auto")]) * len(args.rtt_ms)
+    link_runs = len([m for m in args.modes if m in ("cloud", "sync", "pipeline", "auto", "branch")]) * len(args.rtt_ms)
     total = len(prompts) * (link_runs + ("edge" in args.modes) + ("hf-assisted" in args.modes))
     machine = machine_info()
     step, close = _progress_bar(total)

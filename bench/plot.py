@@ -13,6 +13,7 @@ STYLE = {  # mode -> (colour, line style, label suffix)
     "sync": ("#1f77b4", "-", " (vanilla speculative)"),
     "pipeline": ("#d62728", "-", " (PicoSpec, fixed)"),
     "auto": ("#ff7f0e", "-", " (PicoSpec default)"),
+    "branch": ("#8c564b", "-.", " (pipeline + branch pre-drafting)"),
     "hf-assisted": ("#2ca02c", "--", " (co-located, no network)"),
     "edge": ("#9467bd", ":", " (draft alone, NOT target quality)"),
 }

@@ -21,9 +21,9 @@ from edge_app.meters import percentile
 from edge_app.policy import pipeline_rate, sync_rate
 from edge_app.stats import acceptance_rate
 
-SPECULATIVE = ("sync", "pipeline", "auto", "hf-assisted")  # must reproduce cloud-only's greedy ids
+SPECULATIVE = ("sync", "pipeline", "auto", "branch", "hf-assisted")  # must reproduce cloud-only's greedy ids
 LINK_FREE = ("edge", "hf-assisted")  # measured once, reported on every rtt row
-MODE_ORDER = ("cloud", "sync", "pipeline", "auto", "hf-assisted", "edge")
+MODE_ORDER = ("cloud", "sync", "pipeline", "branch", "auto", "hf-assisted", "edge")
 BREAK_EVEN_MAX_S = 60.0  # beyond a minute of RTT nobody runs interactive decoding
 
 
@@ -73,7 +73,7 @@ def pool(records: list[dict]) -> dict:
 
     out = {k: total(k) for k in ("new_tokens", "wall_s", "accepted", "rejected", "rounds", "bonus",
                                  "bytes_up", "bytes_down", "draft_s", "draft_steps", "reconnects",
-                                 "edge_only_tokens")}
+                                 "edge_only_tokens", "branches", "branch_hits")}
     out["prompts"] = len(records)
     out["ttft_s"] = [r["ttft_s"] for r in records if r.get("ttft_s") is not None]
     out["tpot_s"] = [x for r in records for x in r.get("tpot_s") or []]
@@ -177,6 +177,7 @@ def summarise_run(mode: str, rtt_ms: float, records: list[dict], info: dict, ove
         "acceptance_rate": acceptance_rate(p["accepted"], p["rejected"]) if mode != "hf-assisted" else None,
         "mean_accepted": _ratio(p["accepted"], p["rounds"]) if p["rounds"] else None,
         "tokens_per_pass": tokens_per_pass(p),
+        "branch_hit_rate": _ratio(p["branch_hits"], p["branches"]) if p["branches"] else None,
         "rounds": p["rounds"],
         "bytes_up_per_token": _ratio(p["bytes_up"], p["new_tokens"]) if mode not in LINK_FREE else None,
         "bytes_down_per_token": _ratio(p["bytes_down"], p["new_tokens"]) if mode not in LINK_FREE else None,
@@ -257,6 +258,7 @@ def category_rows(records: list[dict], rtts: list[float], modes: list[str]) -> l
                 out.append({"category": cat, "mode": mode, "rtt_ms": rtt, "prompts": len(run),
                             "tokens_per_s": _ratio(p["new_tokens"], p["wall_s"]),
                             "tokens_per_pass": tokens_per_pass(p),
+        "branch_hit_rate": _ratio(p["branch_hits"], p["branches"]) if p["branches"] else None,
                             "speedup_vs_cloud_per_prompt": mean_of_ratios(run, ref) if mode != "cloud" else 1.0})
     return out
 
@@ -441,6 +443,10 @@ def table_notes(rows: list[dict], mismatches: list[dict], breakeven: dict) -> li
             notes.append(f"break-even RTT {mode} vs hf-assisted: modelled {where} (vs its decode rate "
                          f"{_fmt(breakeven['hf_assisted_decode_tokens_per_s'])} tok/s); measured crossing "
                          + (f"{measured:.0f} ms" if measured is not None else "not within the swept RTTs"))
+    for r in rows:
+        if r.get("branch_hit_rate") is not None:
+            notes.append(f"branch@{_fmt(r['rtt_ms'], 'g')}: pre-drafted branches became the main line "
+                         f"{r['branch_hit_rate']:.0%} of the time")
     for r in rows:
         if r["reconnects"] or (r["edge_only_tokens"] and r["mode"] != "edge"):
             notes.append(f"{r['mode']}@{_fmt(r['rtt_ms'], 'g')}: {r['reconnects']} reconnects, "

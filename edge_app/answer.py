@@ -33,6 +33,8 @@ class GenerateOptions:
     fill: bool = True  # pipeline: let the cloud fill its idle bubbles with target tokens
     run_ahead: int | None = None  # max unverified drafted tokens; None = 2 x block
     stop_ids: tuple[int, ...] = ()
+    branch: bool = False  # while waiting, pre-draft after the likeliest rejection (edge_app/branches.py)
+    branch_len: int = 4  # tokens drafted on a branch
 
 
 @dataclass
@@ -54,6 +56,9 @@ class GenerationStats:
     migrations: int = 0  # a draining replica handed the answer to another one (not a failure)
     edge_only_tokens: int = 0
     filled: int = 0
+    branches: int = 0  # branches pre-drafted while waiting
+    branch_tokens: int = 0
+    branch_hits: int = 0  # branches that became the main line
     mode_switches: list[str] = field(default_factory=list)
     block_sizes: list[int] = field(default_factory=list)
     verify_s: list[float] = field(default_factory=list)
@@ -72,6 +77,9 @@ class GenerationStats:
             "reconnects": self.reconnects,
             "migrations": self.migrations,
             "filled": self.filled,
+            "branches": self.branches,
+            "branch_tokens": self.branch_tokens,
+            "branch_hits": self.branch_hits,
             "mode_switches": list(self.mode_switches),
             "edge_only_tokens": self.edge_only_tokens,
             "bytes_up": self.bytes_up,

@@ -57,6 +57,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--paper-top-k", type=int, default=8)
     g.add_argument("--block", type=int, default=None, help="fixed drafted tokens per block (default: adaptive)")
     g.add_argument("--run-ahead", type=int, default=None, help="most unverified drafted tokens (default: 2 x block)")
+    g.add_argument("--branch", action="store_true",
+                   help="while waiting on a verdict, pre-draft after the likeliest rejection (off by default)")
 
 
 def edge_config_kwargs(args: argparse.Namespace) -> dict:
@@ -83,4 +85,4 @@ def generate_options(args: argparse.Namespace):
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed).validate()
     return GenerateOptions(max_new_tokens=args.max_new_tokens, params=params, mode=args.mode,
                            variant=args.variant, paper_top_k=args.paper_top_k, block=args.block,
-                           run_ahead=args.run_ahead)
+                           run_ahead=args.run_ahead, branch=getattr(args, "branch", False))

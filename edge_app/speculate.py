@@ -26,6 +26,7 @@ import numpy as np
 import codec
 from codec import VerdictKind
 from edge_app.answer import AnswerState
+from edge_app.branches import Branch, least_confident, runner_up
 from edge_app.draft_model import DraftModel, resync
 from edge_app.link import CloudLink
 from edge_app.policy import Estimates, Plan, ema
@@ -62,6 +63,9 @@ class SpeculativeLoop:
         self.sent_blocks: dict[int, tuple[float, int]] = {}  # seq -> (sent at, ids in the Draft)
         self.stop_drafting = False
         self.needs_resync = False
+        # branch pre-drafting (optional): the runner-up token and its margin per drafted position
+        self.rivals: dict[int, tuple[int, float]] = {}
+        self.branch: Branch | None = None
         self.plan = Plan(mode if mode != "auto" else "pipeline", DEFAULT_BLOCK, DEFAULT_BLOCK, 0.0)
 
     @property
@@ -99,6 +103,8 @@ class SpeculativeLoop:
                 # 4. nothing to draft: make sure the cloud has everything, then wait for a message
                 if self._may_send() and (len(self.drafted) > self.sent or self.forced):
                     await self._send_block(wait=True)
+                if self.opt.branch and await self._grow_branch():
+                    continue  # (one branch token per turn: messages are still looked at in between)
                 with self.meters.phase("network_wait"):
                     msg = await self.link.recv()
                 self.on_message(msg)
@@ -132,20 +138,77 @@ class SpeculativeLoop:
 
     # -- drafting ----------------------------------------------------------------------------
     async def _draft_step(self) -> None:
-        token, dist = await self._drafter_call("draft", self._draft_one)
+        token, dist, rival = await self._drafter_call("draft", self._draft_one)
+        if rival is not None:
+            self.rivals[len(self.committed) + len(self.drafted)] = rival
         self.drafted.append(token)
         self.dists.append(dist)
         self.stats.drafted += 1
         if token in self.opt.stop_ids or self.answer.generated + len(self.drafted) >= self.opt.max_new_tokens:
             self.stop_drafting = True
 
-    def _draft_one(self) -> tuple[int, SparseDist]:
-        """Sample one token from the quantised draft distribution and feed it (worker thread)."""
+    def _draft_one(self) -> tuple[int, SparseDist, tuple[int, float] | None]:
+        """Sample one token from the quantised draft distribution and feed it (worker thread);
+        with branching on, also the runner-up token and its logit margin."""
         params = self.opt.params
-        dist = draft_dist(self.drafter.logits(), params)
+        logits = self.drafter.logits()
+        dist = draft_dist(logits, params)
         token = int(dist.ids[0]) if params.greedy else sample_sparse(dist, self.rng)
+        rival = runner_up(logits, token) if self.opt.branch else None
         self.drafter.feed([token])
-        return token, dist
+        return token, dist, rival
+
+    # -- branch pre-drafting (edge_app/branches.py) -------------------------------------------
+    async def _grow_branch(self) -> bool:
+        """While waiting on a verdict: start a branch or draft one more token on it. False when
+        there is nothing (more) to do and the loop should wait."""
+        loop = asyncio.get_running_loop()
+        if self.branch is None:
+            oldest = min(self.sent_blocks, default=None)
+            limit = min(self.sent, self.sent_blocks[oldest][1]) if oldest is not None else 0
+            base = len(self.committed)
+            j = least_confident([self.rivals.get(base + i, (0, float("inf")))[1] for i in range(limit)], limit)
+            if j is None or self.forced or self.hold_epoch is not None or base + j not in self.rivals:
+                return False
+            self.branch = Branch(root_pos=base + j, root=self.rivals[base + j][0])
+            self.stats.branches += 1
+            with self.meters.phase("draft"):
+                await loop.run_in_executor(None, self._start_branch, base + j, self.branch.root)
+            return True
+        if len(self.branch.tokens) >= self.opt.branch_len:
+            return False
+        token, dist, _ = await self._drafter_call("draft", self._draft_one)
+        self.branch.tokens.append(token)
+        self.branch.dists.append(dist)
+        self.stats.branch_tokens += 1
+        return True
+
+    def _start_branch(self, keep: int, root: int) -> None:
+        """Worker thread: cut the drafter back to the branch point and feed the branch's root."""
+        self.drafter.rollback(keep)
+        self.drafter.feed([root])
+
+    def _drop_branch(self) -> None:
+        """The branch will not be used: the drafter goes back to the main line before drafting."""
+        if self.branch is not None:
+            self.branch = None
+            self.needs_resync = True
+
+    def _take_branch(self, pos: int, token: int) -> bool:
+        """A recovered `token` at `pos` that the branch foresaw: its drafts become the main line
+        (the drafter's cache already holds them). Call after the drafts were dropped."""
+        branch, self.branch = self.branch, None
+        if branch is None or branch.root_pos != pos or branch.root != token:
+            if branch is not None:
+                self.needs_resync = True
+            return False
+        self.drafted, self.dists, self.sent = list(branch.tokens), list(branch.dists), 0
+        self.rivals = {p: r for p, r in self.rivals.items() if p < pos}  # they were the old line's
+        self.needs_resync = False
+        self.stats.branch_hits += 1
+        limit = self.opt.max_new_tokens - self.answer.generated
+        self.stop_drafting = any(t in self.opt.stop_ids for t in branch.tokens) or len(branch.tokens) >= limit
+        return True
 
     async def _drafter_call(self, phase: str, fn, *args):
         t0 = time.perf_counter()
@@ -160,8 +223,9 @@ class SpeculativeLoop:
         if not self.needs_resync:
             return
         self.needs_resync = False
-        with self.meters.phase("rollback"):
-            await asyncio.get_running_loop().run_in_executor(None, resync, self.drafter, list(self.committed))
+        with self.meters.phase("rollback"):  # committed + the drafts still on the main line
+            target = list(self.committed) + list(self.drafted)
+            await asyncio.get_running_loop().run_in_executor(None, resync, self.drafter, target)
 
     # -- sending -----------------------------------------------------------------------------
     async def _send_block(self, wait: bool) -> None:
@@ -209,6 +273,7 @@ class SpeculativeLoop:
         makes every draft stale; if some were sent, the cloud will find them stale too and move to
         a new epoch, which we wait to hear before sending more.
         """
+        self._drop_branch()
         for i, token in enumerate(ids):
             if pos + i != len(self.committed):
                 raise RuntimeError(f"the verifier committed position {pos + i}, the edge holds {len(self.committed)}")
@@ -232,6 +297,7 @@ class SpeculativeLoop:
         self.drafted, self.dists = self.drafted[n:], self.dists[n:]
         self.sent = max(0, self.sent - n)
         if not msg.kind.corrects:
+            self._drop_branch()
             self._adopt_epoch(msg.new_epoch)
             self._update_acceptance()
             self.answer.commit(accepted, self.drafted)
@@ -250,6 +316,8 @@ class SpeculativeLoop:
             self.forced = [token]
         else:
             token = msg.token
+        if not (msg.kind is VerdictKind.RECOVERED and self._take_branch(len(self.committed) + n, token)):
+            self._drop_branch()
         self._adopt_epoch(msg.new_epoch)
         self._update_acceptance()
         self.answer.commit(accepted + [token], [])
@@ -257,6 +325,7 @@ class SpeculativeLoop:
     def _drop_drafts(self, stale: int) -> None:
         self.stats.stale_drafts += max(0, stale)
         self.drafted, self.dists, self.sent = [], [], 0
+        self.sent_blocks.clear()  # blocks in flight are stale: no verdict will answer them
         self.stop_drafting = False
         self.needs_resync = True
 

@@ -323,3 +323,20 @@ def test_auto_hands_answers_to_the_cloud_when_drafting_cannot_pay(server, target
     assert [a.stats.mode_switches for a in answers[:4]] == [["cloud"]] * 4
     assert all(a.stats.drafted == 0 for a in answers[:4])
     assert answers[4].stats.drafted > 0  # the fifth answer speculates again
+
+
+# -- branch pre-drafting ---------------------------------------------------------------------------
+@pytest.mark.parametrize("noise", [0.5, 1.5])
+def test_branch_predrafting_stays_exact_and_sometimes_foresees_the_recovered_token(target, noise):
+    """A slow cloud keeps the edge waiting at its run-ahead: it drafts branches after the runner-up
+    token of its least confident pending draft. Output is still the target's; some branches hit."""
+    engine = SlowEngine(target)
+    engine.delay_s = 0.03
+    hits = branches = 0
+    with ServerThread(engine) as s:
+        drafter = TinyDrafter(perturbed(target, noise))
+        for prompt in PROMPTS:
+            ans = generate(s.url, drafter, prompt, max_new_tokens=40, block=3, run_ahead=3, branch=True)
+            assert ans.token_ids == reference(target, prompt, 40)
+            hits, branches = hits + ans.stats.branch_hits, branches + ans.stats.branches
+    assert branches > 0 and 0 < hits <= branches
