@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from edge_app.client import EdgeClient
+from sampling import reusable_prefix
 
 MISS_BUCKETS = 10_000
 
@@ -62,9 +63,7 @@ class ReplayDrafter:
             time.sleep(self.nap_s)
 
     def prefill(self, ids: list[int]) -> None:
-        keep = 0
-        while keep < min(len(ids) - 1, self.length) and self._tokens[keep] == ids[keep]:
-            keep += 1
+        keep = reusable_prefix(self._tokens, ids)
         self.rollback(keep)
         self.feed(ids[keep:])
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from sampling import common_prefix_len
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -159,11 +161,7 @@ class TargetEngine:
 
     def common_prefix_keep(self, committed: list[int], new: list[int]) -> int:
         """How many cached positions of `committed` can be kept for the new context `new`."""
-        n = min(len(committed), len(new), self.cache_len)
-        i = 0
-        while i < n and committed[i] == new[i]:
-            i += 1
-        return i
+        return min(common_prefix_len(committed, new), self.cache_len)
 
 
 def measure_verify_curve(engine: TargetEngine, ks=(1, 2, 4, 8, 16), context: int = 200,

@@ -9,6 +9,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from sampling import common_prefix_len, reusable_prefix
+
+__all__ = ["DraftModel", "common_prefix_len", "resync", "reusable_prefix"]
+
 
 @runtime_checkable
 class DraftModel(Protocol):
@@ -34,15 +38,6 @@ class DraftModel(Protocol):
 
     def logits(self) -> np.ndarray:
         """float32[V] next-token logits after the last fed token."""
-
-
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def resync(drafter: DraftModel, committed: list[int]) -> None:

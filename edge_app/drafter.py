@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge_app.draft_model import common_prefix_len
+from sampling import reusable_prefix
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,7 @@ class Drafter:
 
         Multi-turn chat re-sends the whole conversation; only the new turn is computed.
         """
-        keep = common_prefix_len(self.tokens, ids)
-        # at least one token must be fed to have logits for the next position
-        keep = min(keep, len(ids) - 1)
+        keep = reusable_prefix(self.tokens, ids)
         self.rollback(keep)
         self.feed(ids[keep:])
 

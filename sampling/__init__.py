@@ -23,6 +23,7 @@ from sampling.core import (
     verify_block_u,
     verify_token,
 )
+from sampling.sequences import common_prefix_len, reusable_prefix
 
 __all__ = [
     "DRAFT_RESOLUTION",
@@ -43,4 +44,6 @@ __all__ = [
     "verify_block_greedy",
     "verify_block_u",
     "verify_token",
+    "common_prefix_len",
+    "reusable_prefix",
 ]

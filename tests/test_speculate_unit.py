@@ -208,3 +208,19 @@ def test_auto_hands_the_answer_to_cloud_only_after_two_rounds_with_nothing_in_fl
     assert asyncio.run(loop.run()) == SWITCH_TO_CLOUD
     assert answer.stats.rounds == 2 and loop.sent == 0 and answer.done_reason is None
     assert answer.stats.mode_switches == ["cloud"]
+
+
+def test_every_drafter_implements_the_draft_model_protocol():
+    """The llama.cpp drafter, the load test's replay drafter and the tests' drafters all offer what
+    the speculative loop calls (edge_app.draft_model.DraftModel), nothing duck-typed beyond it."""
+    from bench.replay import ReplayDrafter
+    from edge_app.draft_model import DraftModel
+    from edge_app.drafter import Drafter
+    from tests.tiny import TinyDrafter
+
+    members = [name for name in vars(DraftModel) if not name.startswith("_")]
+    assert set(members) == {"length", "tokens", "prefill", "feed", "rollback", "logits"}
+    for cls in (Drafter, ReplayDrafter, TinyDrafter, CountingDrafter):
+        missing = [m for m in members if not hasattr(cls, m)]
+        assert not missing, (cls.__name__, missing)
+    assert isinstance(CountingDrafter(), DraftModel)

@@ -17,6 +17,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from cloud.engine import TargetEngine
 from cloud.server import ServerConfig, VerifierServer
+from sampling import reusable_prefix
 
 VOCAB = 64
 EOS = 63
@@ -106,9 +107,7 @@ class TinyDrafter:
             time.sleep(self.step_delay_s)
 
     def prefill(self, ids: list[int]) -> None:
-        keep = 0
-        while keep < min(len(ids) - 1, len(self._tokens)) and self._tokens[keep] == ids[keep]:
-            keep += 1
+        keep = reusable_prefix(self._tokens, ids)
         self.rollback(keep)
         self.feed(ids[keep:])
 
