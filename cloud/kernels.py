@@ -57,61 +57,128 @@ inline float finish(__m256 acc, const float* x, const float* w, int64_t k8, int6
   return r + bias;
 }
 
-// Accumulates k in [k0, k0 + len) for an MR x NR tile of outputs (MR input rows, NR weight rows).
-// x: the input rows' slice of this k block, `ldx` apart. The 8-lane accumulators are kept in `acc`
-// between k blocks, stored and reloaded exactly. `pf`, when set, is the next block of weight rows:
-// fetched into cache now, so that memory streams while the arithmetic runs.
-template <int MR, int NR>
-inline void tile(const float* x, int64_t ldx, const float* w, int64_t K, int64_t k0, int64_t len,
-                 float* acc_buf, bool first, const float* pf) {
+// Software prefetch of the weight stream, spread evenly over the arithmetic: one 64-byte line per
+// two k steps of every tile, from a cursor that runs up to one block of weight rows ahead (`end`).
+struct Prefetch {
+  const float* cur;
+  const float* end;
+  inline void one() {
+    _mm_prefetch(reinterpret_cast<const char*>(cur), _MM_HINT_T0);
+    cur += 16;
+    cur = cur < end ? cur : end;
+  }
+};
+
+// Accumulates `steps` 8-float k steps for an MR x NR tile of outputs (MR input rows, NR weight
+// rows). x: the MR input rows packed step by step ([step][MR][8], so one pointer and constant
+// offsets); w: the first weight row at this k block, the others K apart. The 8-lane accumulators
+// are kept in `acc_buf` between k blocks, stored and reloaded exactly.
+template <int MR, int NR, bool PF>
+inline void tile(const float* __restrict x, const float* __restrict w, int64_t K, int64_t steps,
+                 float* acc_buf, bool first, Prefetch& pf) {
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j)
       acc[i][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_buf + (i * NR + j) * 8);
-  const float* wk = w + k0;
-  for (int64_t k = 0; k < len; k += 8) {
-    if (pf && (k & 15) == 0)
-      for (int j = 0; j < NR; ++j)
-        _mm_prefetch(reinterpret_cast<const char*>(pf + j * K + k0 + k), _MM_HINT_T0);
+  for (int64_t s = 0; s < steps; ++s) {
+    if (PF && (s & 1) == 0) pf.one();
     __m256 wv[NR];
-    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(wk + j * K + k);
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(w + j * K + s * 8);
     for (int i = 0; i < MR; ++i) {
-      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+      const __m256 xv = _mm256_loadu_ps(x + i * 8);
       for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
     }
+    x += MR * 8;
   }
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) _mm256_storeu_ps(acc_buf + (i * NR + j) * 8, acc[i][j]);
 }
 
+// The verify-pass workhorse: 4 input rows x 3 weight rows, written out so that the compiler keeps
+// the 12 accumulators, 3 weight vectors and 1 input vector in the 16 ymm registers with no spills
+// and constant offsets; two k steps per iteration. Same arithmetic, in the same order, as tile<4, 3>.
+inline void tile43(const float* __restrict x, const float* __restrict w, int64_t K, int64_t steps,
+                   float* acc_buf, bool first, Prefetch& pf) {
+  const float* __restrict w0 = w;
+  const float* __restrict w1 = w + K;
+  const float* __restrict w2 = w + 2 * K;
+  __m256 a00, a01, a02, a10, a11, a12, a20, a21, a22, a30, a31, a32;
+  if (first) {
+    a00 = a01 = a02 = a10 = a11 = a12 = a20 = a21 = a22 = a30 = a31 = a32 = _mm256_setzero_ps();
+  } else {
+    a00 = _mm256_loadu_ps(acc_buf + 0); a01 = _mm256_loadu_ps(acc_buf + 8); a02 = _mm256_loadu_ps(acc_buf + 16);
+    a10 = _mm256_loadu_ps(acc_buf + 24); a11 = _mm256_loadu_ps(acc_buf + 32); a12 = _mm256_loadu_ps(acc_buf + 40);
+    a20 = _mm256_loadu_ps(acc_buf + 48); a21 = _mm256_loadu_ps(acc_buf + 56); a22 = _mm256_loadu_ps(acc_buf + 64);
+    a30 = _mm256_loadu_ps(acc_buf + 72); a31 = _mm256_loadu_ps(acc_buf + 80); a32 = _mm256_loadu_ps(acc_buf + 88);
+  }
+#define PICOSPEC_STEP(WOFF, XOFF)                                                                  \
+  {                                                                                                \
+    const __m256 v0 = _mm256_loadu_ps(w0 + (WOFF)), v1 = _mm256_loadu_ps(w1 + (WOFF)),             \
+                 v2 = _mm256_loadu_ps(w2 + (WOFF));                                                \
+    __m256 xv = _mm256_loadu_ps(x + (XOFF));                                                       \
+    a00 = _mm256_fmadd_ps(xv, v0, a00); a01 = _mm256_fmadd_ps(xv, v1, a01); a02 = _mm256_fmadd_ps(xv, v2, a02); \
+    xv = _mm256_loadu_ps(x + (XOFF) + 8);                                                          \
+    a10 = _mm256_fmadd_ps(xv, v0, a10); a11 = _mm256_fmadd_ps(xv, v1, a11); a12 = _mm256_fmadd_ps(xv, v2, a12); \
+    xv = _mm256_loadu_ps(x + (XOFF) + 16);                                                         \
+    a20 = _mm256_fmadd_ps(xv, v0, a20); a21 = _mm256_fmadd_ps(xv, v1, a21); a22 = _mm256_fmadd_ps(xv, v2, a22); \
+    xv = _mm256_loadu_ps(x + (XOFF) + 24);                                                         \
+    a30 = _mm256_fmadd_ps(xv, v0, a30); a31 = _mm256_fmadd_ps(xv, v1, a31); a32 = _mm256_fmadd_ps(xv, v2, a32); \
+  }
+  int64_t s = 0;
+  for (; s + 2 <= steps; s += 2) {
+    pf.one();
+    PICOSPEC_STEP(0, 0)
+    PICOSPEC_STEP(8, 32)
+    w0 += 16; w1 += 16; w2 += 16; x += 64;
+  }
+  if (s < steps) PICOSPEC_STEP(0, 0)
+#undef PICOSPEC_STEP
+  _mm256_storeu_ps(acc_buf + 0, a00); _mm256_storeu_ps(acc_buf + 8, a01); _mm256_storeu_ps(acc_buf + 16, a02);
+  _mm256_storeu_ps(acc_buf + 24, a10); _mm256_storeu_ps(acc_buf + 32, a11); _mm256_storeu_ps(acc_buf + 40, a12);
+  _mm256_storeu_ps(acc_buf + 48, a20); _mm256_storeu_ps(acc_buf + 56, a21); _mm256_storeu_ps(acc_buf + 64, a22);
+  _mm256_storeu_ps(acc_buf + 72, a30); _mm256_storeu_ps(acc_buf + 80, a31); _mm256_storeu_ps(acc_buf + 88, a32);
+}
+
+// One output at a time (the last few weight rows): x rows `xs` floats apart per step.
+inline void tile1(const float* x, int64_t xs, const float* w, int64_t steps, float* acc_buf, bool first) {
+  __m256 a = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_buf);
+  for (int64_t s = 0; s < steps; ++s)
+    a = _mm256_fmadd_ps(_mm256_loadu_ps(x + s * xs), _mm256_loadu_ps(w + s * 8), a);
+  _mm256_storeu_ps(acc_buf, a);
+}
+
 // Output columns [n0, n1): each block of NR weight rows is streamed from memory once, one k block
-// at a time, and reused from L1 by every block of MR input rows. xk: the input packed by k block
-// ([k8 / kc][M][kc], contiguous, so that the rows do not fight over L1 sets); x: as given (k tail).
-template <int MR, int NR>
+// at a time, and reused from L1 by every group of MR input rows. xk: the input packed in groups of
+// MR rows, each [k8 / 8][rows in group][8] (`xk + m * k8` is group m / MR); x: as given (k tail).
+// PF: software prefetch (for MR > 1: with one row the hardware prefetcher keeps up on its own).
+template <int MR, int NR, bool PF>
 void columns(const float* xk, const float* x, int64_t M, const float* w, float* y, int64_t N,
              int64_t K, const float* bias, int64_t n0, int64_t n1, int64_t kc) {
   const int64_t k8 = K & ~int64_t(7);
   std::vector<float> acc_buf(((M + MR - 1) / MR) * MR * NR * 8);
+  Prefetch pf{w + std::min(n0 + NR, n1) * K, nullptr};
   for (int64_t n = n0; n < n1; n += NR) {
     const int64_t nr = std::min<int64_t>(NR, n1 - n);
     const float* wb = w + n * K;
-    for (int64_t k0 = 0, kb = 0; k0 < k8 || k0 == 0; k0 += kc, ++kb) {
-      const int64_t len = std::min(k8 - k0, kc);
+    pf.end = w + std::min(n + 2 * NR, n1) * K;
+    pf.cur = std::min(std::max(pf.cur, wb + nr * K), pf.end);
+    for (int64_t k0 = 0; k0 < k8 || k0 == 0; k0 += kc) {
+      const int64_t steps = std::min(k8 - k0, kc) / 8;
+      const bool first = k0 == 0;
       for (int64_t m = 0; m < M; m += MR) {
         const int64_t mr = std::min<int64_t>(MR, M - m);
         float* ab = acc_buf.data() + m * NR * 8;
-        const float* xb = xk + (kb * M + m) * kc;
-        const bool first = k0 == 0;
-        const float* pf = MR > 1 && m == 0 && n + 2 * NR <= n1 ? wb + NR * K : nullptr;
+        const float* xb = xk + m * k8 + k0 * mr;
         if (nr == NR) {
-          if (mr == MR) tile<MR, NR>(xb, kc, wb, K, k0, len, ab, first, pf);
-          else if (mr == 3) tile<3, NR>(xb, kc, wb, K, k0, len, ab, first, pf);
-          else if (mr == 2) tile<2, NR>(xb, kc, wb, K, k0, len, ab, first, pf);
-          else tile<1, NR>(xb, kc, wb, K, k0, len, ab, first, pf);
-        } else {  // the last few weight rows, one output at a time
+          if (MR == 4 && NR == 3 && mr == 4) tile43(xb, wb + k0, K, steps, ab, first, pf);
+          else if (mr == MR) tile<MR, NR, PF>(xb, wb + k0, K, steps, ab, first, pf);
+          else if (mr == 3) tile<3, NR, PF>(xb, wb + k0, K, steps, ab, first, pf);
+          else if (mr == 2) tile<2, NR, PF>(xb, wb + k0, K, steps, ab, first, pf);
+          else tile<1, NR, PF>(xb, wb + k0, K, steps, ab, first, pf);
+        } else {
           for (int64_t i = 0; i < mr; ++i)
             for (int64_t j = 0; j < nr; ++j)
-              tile<1, 1>(xb + i * kc, kc, wb + j * K, K, k0, len, ab + (i * NR + j) * 8, first, nullptr);
+              tile1(xb + i * 8, mr * 8, wb + j * K + k0, steps, ab + (i * NR + j) * 8, first);
         }
       }
     }
@@ -148,23 +215,25 @@ at::Tensor rowstream_linear(const at::Tensor& input, const at::Tensor& weight,
   float* yp = y.data_ptr<float>();
   // Register tiles of MR x NR <= 12 accumulators; one row keeps 8 weight streams in flight.
   // The k block keeps the input rows' slice in L1 (~16 KB); it never changes the arithmetic.
+  const int64_t MR = M == 1 ? 1 : M == 2 ? 2 : M == 3 ? 3 : 4;
   const int64_t NR = M == 1 ? 8 : M == 2 ? 6 : M == 3 ? 4 : 3;
   const int64_t kc = std::max<int64_t>(128, std::min<int64_t>(K, (4096 / M) & ~int64_t(7)));
   const int64_t k8 = K & ~int64_t(7);
-  const int64_t kblocks = std::max<int64_t>(1, (k8 + kc - 1) / kc);
-  std::vector<float> xk(kblocks * M * kc);
-  for (int64_t kb = 0; kb < kblocks; ++kb)
-    for (int64_t m = 0; m < M; ++m) {
-      const int64_t k0 = kb * kc, len = std::min(k8 - k0, kc);
-      std::copy(xp + m * K + k0, xp + m * K + k0 + len, xk.data() + (kb * M + m) * kc);
-    }
+  // The input packed in groups of MR rows, each group step by step: [k8 / 8][rows in group][8].
+  std::vector<float> xk(std::max<int64_t>(k8, 8) * M);
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t g = m / MR, rows = std::min<int64_t>(MR, M - g * MR), i = m - g * MR;
+    float* dst = xk.data() + g * MR * k8 + i * 8;
+    for (int64_t s = 0; s < k8 / 8; ++s)
+      std::copy(xp + m * K + s * 8, xp + m * K + s * 8 + 8, dst + s * rows * 8);
+  }
   const int64_t blocks = (N + NR - 1) / NR;
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * NR, n1 = std::min(N, b1 * NR);
-    if (M == 1) columns<1, 8>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
-    else if (M == 2) columns<2, 6>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
-    else if (M == 3) columns<3, 4>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
-    else columns<4, 3>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
+    if (M == 1) columns<1, 8, false>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
+    else if (M == 2) columns<2, 6, true>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
+    else if (M == 3) columns<3, 4, true>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
+    else columns<4, 3, true>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
   });
   return y.view(out_sizes);
 }

@@ -77,6 +77,27 @@ def test_each_row_is_bit_for_bit_the_one_row_result():
 
 
 @needs_kernel
+@pytest.mark.parametrize("n, k", [(301, 1000), (13, 1536), (5, 9), (8, 4)])
+def test_every_row_count_and_tail_is_row_independent(n, k):
+    """Every row count up to 17 (the 4-row groups and their 1-3 row tails), weight-row tails (N not
+    a multiple of the tile), k tails (K not a multiple of 8, or under 8) and several k blocks: each
+    row of a k-row product is bit for bit the one-row product, with and without a bias."""
+    torch.manual_seed(n + k)
+    x, w, b = torch.randn(17, k), torch.randn(n, k), torch.randn(n)
+    ones = [kernels.rowstream_linear(x[i:i + 1], w, b) for i in range(17)]
+    ones_nobias = [kernels.rowstream_linear(x[i:i + 1], w) for i in range(17)]
+    for rows in range(1, 18):
+        assert torch.equal(kernels.rowstream_linear(x[:rows], w, b), torch.cat(ones[:rows]))
+        assert torch.equal(kernels.rowstream_linear(x[17 - rows:], w), torch.cat(ones_nobias[17 - rows:]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.equal(kernels.rowstream_linear(x, w, b), torch.cat(ones))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
 def test_batched_and_3d_inputs_keep_their_shape():
     lin = nn.Linear(64, 10)
     stock_out = lin(torch.ones(2, 3, 64))
