@@ -1,4 +1,4 @@
-"""Prometheus text exposition for the verifier: counters, gauges and latency summaries."""
+"""Prometheus text exposition for the verifier: counters, gauges, latency summaries and histograms."""
 from __future__ import annotations
 
 import collections
@@ -10,7 +10,13 @@ QUANTILES = (0.5, 0.9, 0.99)
 
 
 class Metrics:
-    """Thread-safe counters, gauges and summaries (a bounded window of recent observations)."""
+    """Thread-safe counters, gauges, summaries (a bounded window of recent observations) and
+    histograms (cumulative counts per upper bound, since start).
+
+    A histogram is exposed as a summary of the same name (quantiles of recent observations,
+    _count, _sum) plus a counter family `<name>_bucket{le="..."}` of cumulative counts: Prometheus'
+    histogram_quantile() reads the le-labelled buckets, and every family keeps the counter /
+    gauge / summary types this verifier's scrapers accept."""
 
     def __init__(self, window: int = 4096):
         self._lock = threading.Lock()
@@ -19,6 +25,7 @@ class Metrics:
         self._obs: dict[str, collections.deque] = {}
         self._sums: dict[str, tuple[int, float]] = {}
         self._window = window
+        self._hists: dict[str, tuple[tuple[float, ...], list[int], list[float]]] = {}  # bounds, counts, [n, sum]
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         with self._lock:
@@ -34,6 +41,25 @@ class Metrics:
             count, total = self._sums.get(name, (0, 0.0))
             self._sums[name] = (count + 1, total + value)
 
+    def histogram(self, name: str, value: float, bounds: tuple[float, ...]) -> None:
+        """Count value in the first bucket whose upper bound holds it (the +Inf bucket past the last),
+        and observe it in the summary of the same name."""
+        self.observe(name, value)
+        with self._lock:
+            bounds_, counts, total = self._hists.setdefault(name, (tuple(bounds), [0] * (len(bounds) + 1), [0, 0.0]))
+            i = next((j for j, b in enumerate(bounds_) if value <= b), len(bounds_))
+            counts[i] += 1
+            total[0] += 1
+            total[1] += value
+
+    def histogram_counts(self, name: str) -> dict[str, int]:
+        """{upper bound as text: count of observations in that bucket alone} ("+Inf" last)."""
+        with self._lock:
+            if name not in self._hists:
+                return {}
+            bounds, counts, _ = self._hists[name]
+            return {**{f"{b:g}": c for b, c in zip(bounds, counts)}, "+Inf": counts[-1]}
+
     def quantiles(self, name: str) -> dict[float, float]:
         with self._lock:
             values = list(self._obs.get(name, ()))
@@ -47,6 +73,7 @@ class Metrics:
             counters = dict(self._counters)
             gauges = dict(self._gauges)
             sums = dict(self._sums)
+            hists = {n: (b, list(c), list(t)) for n, (b, c, t) in self._hists.items()}
         for name in sorted({n for n, _ in counters}):
             lines.append(f"# TYPE {name} counter")
             for (n, labels), value in sorted(counters.items()):
@@ -59,6 +86,13 @@ class Metrics:
             for q, v in self.quantiles(name).items():
                 lines.append(f'{name}{{quantile="{q}"}} {v:.6f}')
             lines += [f"{name}_count {count}", f"{name}_sum {total:.6f}"]
+        for name, (bounds, counts, _) in sorted(hists.items()):
+            lines.append(f"# TYPE {name}_bucket counter")
+            running = 0
+            for b, c in zip(list(bounds) + ["+Inf"], counts):
+                running += c
+                le = b if isinstance(b, str) else f"{b:g}"
+                lines.append(f'{name}_bucket{{le="{le}"}} {running}')
         return "\n".join(lines) + "\n"
 
 

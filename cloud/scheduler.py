@@ -12,20 +12,30 @@ pass, then `finish(rows)` turns the rows [len(feed), V] into the result. Kinds:
   fill     the pass a filled token needs              finish: keep the last row pending
   decode   the pass a cloud-only token needs          finish: keep the last row pending
 
-Only the forward pass would be shared by a batch: a later scheduler can pull every ready item,
-run their feeds as one batched forward pass over their sessions' caches, and hand each item its
-own rows. This one runs them one by one.
+Batching (the default, `batch=True`): each tick pulls every ready item, oldest first, up to
+`max_tokens` fed ids (the oldest always runs, whatever its size; an item that does not fit waits at
+the head of the queue for the next tick), and runs their feeds as ONE forward pass over their
+sessions' own caches (cloud/batch_forward.py); each item's finish gets its own rows. A session has
+at most one item queued (its work loop awaits each), so oldest-first is round-robin over sessions,
+and a long prompt, fed in chunks, lets the others' verify passes into every tick. Every pass runs
+through the batched code, a session alone included, so an answer does not depend on who else was
+in its passes. A pass that fails is undone in every cache and its items rerun one by one: a bad
+item costs only its own session. An engine or model the batched pass does not support runs alone.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import functools
+import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from cloud.batch_forward import Segment, batched_forward, cache_lengths, restore_cache, supports_batching
 
 KINDS = ("prefill", "verify", "fill", "decode")
 
@@ -49,18 +59,94 @@ class Work:
         return (self.started or self.submitted) - self.submitted
 
     def run(self) -> Any:
-        """Worker thread: the forward pass, then finish."""
+        """Worker thread: the forward pass, then finish. Only a verify pass needs every row; the
+        others ask the engine for the last one, where it can give just that."""
         self.started = time.perf_counter()
-        rows = self.session.engine.forward(self.feed)  # [len(feed), V]
+        engine = self.session.engine
+        if self.kind != "verify" and _takes_last_only(type(engine)):
+            rows = engine.forward(self.feed, last_only=True)  # [1, V]
+        else:
+            rows = engine.forward(self.feed)  # [len(feed), V]
         result = self.finish(rows)
         self.ran_s = time.perf_counter() - self.started
         return result
 
 
-class Scheduler:
-    """Pulls work items in arrival order and runs them, one at a time, on one worker thread."""
+@functools.lru_cache(maxsize=None)
+def _takes_last_only(engine_type: type) -> bool:
+    """Whether an engine's forward(ids, last_only=...) computes only the last row's logits."""
+    try:
+        return "last_only" in inspect.signature(engine_type.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
-    def __init__(self) -> None:
+
+def batchable(work: Work) -> bool:
+    """Whether a work item's engine runs in the batched pass: a plain TargetEngine (a subclass may
+    override forward, e.g. the tests' slow engine) over a model of the supported layout."""
+    from cloud.engine import TargetEngine
+
+    engine = work.session.engine
+    if type(engine).forward is not TargetEngine.forward or not hasattr(engine, "model"):
+        return False
+    ok = getattr(engine.model, "_picospec_batchable", None)
+    if ok is None:
+        ok = supports_batching(engine.model)
+        engine.model._picospec_batchable = ok
+    return ok
+
+
+def run_tick(works: list[Work]) -> list[tuple[bool, Any]]:
+    """Worker thread: one batched forward pass over every item's feed, then each item's finish.
+    Returns (ok, result or exception) per item. A tick of one item is the engine's own pass (the
+    model's forward: the target alone); the batched pass gives the same rows (bit for bit with
+    the row-streaming kernel, tests/test_batch_forward.py)."""
+    if len(works) == 1 or not all(batchable(w) for w in works):
+        return [_run_alone(w) for w in works]
+    t0 = time.perf_counter()
+    for w in works:
+        w.started = t0
+    caches = [w.session.engine.cache for w in works]
+    lengths = [cache_lengths(c) for c in caches]
+    segments = [Segment(c, w.feed, all_rows=w.kind == "verify") for c, w in zip(caches, works)]
+    try:
+        with works[0].session.engine.model_lock:
+            rows = batched_forward(works[0].session.engine.model, segments)
+    except Exception:
+        # undo what the pass wrote in every cache, then each item alone: only a bad one fails
+        for c, n in zip(caches, lengths):
+            restore_cache(c, n)
+        return [_run_alone(w) for w in works]
+    pass_s = time.perf_counter() - t0
+    out = []
+    for w, r in zip(works, rows):
+        w.session.engine.forward_passes += 1
+        try:
+            result = w.finish(r)
+        except Exception as err:  # e.g. a protocol error in this session's block: its own
+            out.append((False, err))
+        else:
+            out.append((True, result))
+        w.ran_s = pass_s  # what the session waited for: the shared pass
+    return out
+
+
+def _run_alone(work: Work) -> tuple[bool, Any]:
+    try:
+        return True, work.run()
+    except Exception as err:
+        return False, err
+
+
+class Scheduler:
+    """Pulls ready work items, oldest first, and runs them on one worker thread: with `batch`, every
+    ready item (up to max_tokens fed ids) in one forward pass per tick; without, one at a time.
+    `metrics` (cloud/metrics.Metrics), when given, gets the batch size and tokens per pass."""
+
+    def __init__(self, batch: bool = True, max_tokens: int = 256, metrics=None) -> None:
+        self.batch = batch
+        self.max_tokens = max_tokens
+        self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self.ready: collections.deque[Work] = collections.deque()
         self._wake: asyncio.Event | None = None
@@ -79,32 +165,56 @@ class Scheduler:
         self._wake.set()
         return await work.future
 
-    def pull(self) -> Work | None:
-        """The next item to run (a batching scheduler would take several here)."""
+    def pull(self) -> list[Work]:
+        """The items of the next tick: the oldest live one, then (batching) every other live one
+        that fits in max_tokens, in age order; the rest keep their places."""
+        while self.ready and self.ready[0].future.done():  # cancelled by its session meanwhile
+            self.ready.popleft()
+        if not self.ready:
+            return []
+        first = self.ready.popleft()
+        if not self.batch:
+            return [first]
+        tick, budget, left = [first], self.max_tokens - len(first.feed), collections.deque()
         while self.ready:
             work = self.ready.popleft()
-            if not work.future.done():  # not cancelled by its session meanwhile
-                return work
-        return None
+            if work.future.done():
+                continue
+            if len(work.feed) <= budget:
+                tick.append(work)
+                budget -= len(work.feed)
+            else:
+                left.append(work)
+        self.ready = left
+        return tick
 
     async def _pull_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            work = self.pull()
-            if work is None:
+            tick = self.pull()
+            if not tick:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self.metrics is not None:
+                self.metrics.histogram("picospec_batch_sessions", len(tick), BATCH_BUCKETS)
+                self.metrics.histogram("picospec_batch_tokens", sum(len(w.feed) for w in tick), TOKEN_BUCKETS)
             try:
-                result = await loop.run_in_executor(self.executor, work.run)
+                if self.batch:
+                    results = await loop.run_in_executor(self.executor, run_tick, tick)
+                else:
+                    results = [await loop.run_in_executor(self.executor, _run_alone, tick[0])]
             except asyncio.CancelledError:
                 raise
-            except BaseException as err:  # the session's work loop decides what it means
-                if not work.future.done():
-                    work.future.set_exception(err)
-            else:
-                if not work.future.done():
-                    work.future.set_result(result)
+            except BaseException as err:  # the executor itself failed: every item learns it
+                results = [(False, err)] * len(tick)
+            for work, (ok, value) in zip(tick, results):
+                if work.future.done():  # its session went away during the pass
+                    continue
+                if ok:
+                    work.future.set_result(value)
+                else:
+                    work.future.set_exception(value)
 
     def close(self) -> None:
         if self._task is not None:
@@ -114,3 +224,7 @@ class Scheduler:
                 work.future.cancel()
         self.ready.clear()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # sessions per forward pass
+TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64, 128, 256, 512)  # fed ids per forward pass

@@ -22,7 +22,8 @@ from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler, Work
 from cloud.verify import apply_pass, decide_pass, pass_feed
 
-PREFILL_CHUNK = 512  # prompt tokens per forward pass; other sessions' passes run between chunks
+PREFILL_CHUNK = 64  # prompt tokens per forward pass (ServerConfig.prefill_chunk); other sessions'
+                     # passes join every chunk's tick
 
 
 class WorkLoop:
@@ -81,8 +82,9 @@ class WorkLoop:
         t0 = time.perf_counter()
         rest = session.begin_prompt(op.ids, op.max_new_tokens)
         last = None
-        for start in range(0, len(rest), PREFILL_CHUNK):
-            last = await self.scheduler.submit(Work("prefill", session, rest[start:start + PREFILL_CHUNK],
+        chunk = max(1, getattr(self.config, "prefill_chunk", PREFILL_CHUNK))
+        for start in range(0, len(rest), chunk):
+            last = await self.scheduler.submit(Work("prefill", session, rest[start:start + chunk],
                                                     lambda rows: rows[-1]))
         token = session.end_prompt(op.ids, op.max_new_tokens, last, fill=op.fill and self.may_fill())
         seconds = time.perf_counter() - t0

@@ -42,3 +42,23 @@ def test_replay_drafter_misses_at_the_rate_asked_and_never_by_chance():
     assert all(ReplayDrafter([1], ref, 64, miss_rate=0.0).propose(1 + j, 0) == r for j, r in enumerate(ref))
     d.prefill([1, 2])
     assert int(d.logits().argmax()) == proposals[0] and d.logits().sum() == 1.0
+
+
+def test_the_sweep_reports_a_row_per_session_count_and_checks_every_answer(tmp_path):
+    from bench.loadtest import run_sweep, save_plot, sweep_table
+
+    cfg = LoadConfig(sessions=8, max_new_tokens=16, idle_sessions=1, idle_timeout_s=0.5)
+    config = ServerConfig(port=0, idle_timeout_s=cfg.idle_timeout_s, max_sessions_per_token=8)
+    with Verifier(TargetEngine(tiny_model(0)), config) as v:
+        r = asyncio.run(run_sweep(v.url, PROMPTS, [1, 4, 8], cfg, log=lambda m: None))
+        assert not v.server.sessions
+    text = sweep_table(r)
+    assert [s["sessions"] for s in r["sweeps"]] == [1, 4, 8], text
+    assert r["identical_to_solo"] and all(not s["differences"] for s in r["sweeps"]), text
+    assert all(s["throughput_tok_s"] > 0 and s["round_trip_s"]["p99"] > 0 for s in r["sweeps"])
+    assert r["sweeps"][0]["x_throughput"] == 1.0 and r["sweeps"][0]["sessions_per_pass"] == 1.0
+    assert r["sweeps"][2]["sessions_per_pass"] > 1.0, text  # eight sessions shared passes
+    assert r["idle"]["identical_to_solo"] and r["idle"]["evicted"] >= 1, text
+    assert "tok/s together" in text and "rt p99 ms" in text
+    save_plot(r, str(tmp_path / "load.png"))
+    assert (tmp_path / "load.png").stat().st_size > 1000
