@@ -57,11 +57,17 @@ inline float finish(__m256 acc, const float* x, const float* w, int64_t k8, int6
   return r + bias;
 }
 
-// Software prefetch of the weight stream, spread evenly over the arithmetic: one 64-byte line per
-// two k steps of every tile, from a cursor that runs up to one block of weight rows ahead (`end`).
+// Software prefetch of the weight stream, spread evenly over the arithmetic, from a cursor that
+// runs up to one block of weight rows ahead (`end`). The 4x3 tile issues `qa` then `qb` 64-byte
+// lines per two k steps, alternately: about the rate at which the block's weights are consumed
+// (prefetching faster or slower than that measured slower); the other tiles one per two steps.
 struct Prefetch {
   const float* cur;
   const float* end;
+  int qa, qb;
+  // One group of rows (M <= 4): instead, the next block's rows at this tile's k position, one line
+  // of each per two k steps (`next`: the next block's first row at this k block; null if none).
+  const float* next;
   inline void one() {
     _mm_prefetch(reinterpret_cast<const char*>(cur), _MM_HINT_T0);
     cur += 16;
@@ -126,7 +132,13 @@ inline void tile43(const float* __restrict x, const float* __restrict w, int64_t
   }
   int64_t s = 0;
   for (; s + 2 <= steps; s += 2) {
-    pf.one();
+    if (pf.next) {
+      _mm_prefetch(reinterpret_cast<const char*>(pf.next + s * 8), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf.next + K + s * 8), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(pf.next + 2 * K + s * 8), _MM_HINT_T0);
+    } else {
+      for (int q = (s & 2) ? pf.qb : pf.qa; q > 0; --q) pf.one();
+    }
     PICOSPEC_STEP(0, 0)
     PICOSPEC_STEP(8, 32)
     w0 += 16; w1 += 16; w2 += 16; x += 64;
@@ -156,7 +168,11 @@ void columns(const float* xk, const float* x, int64_t M, const float* w, float* 
              int64_t K, const float* bias, int64_t n0, int64_t n1, int64_t kc) {
   const int64_t k8 = K & ~int64_t(7);
   std::vector<float> acc_buf(((M + MR - 1) / MR) * MR * NR * 8);
-  Prefetch pf{w + std::min(n0 + NR, n1) * K, nullptr};
+  // Lines of a block of NR weight rows per 4 k steps of all the row groups: 2 NR / groups (M = 8:
+  // two groups of 4 rows, 3 lines per 4 steps).
+  const int64_t groups = (M + MR - 1) / MR;
+  const int per4 = static_cast<int>(std::min<int64_t>(6, (2 * NR + groups - 1) / groups));
+  Prefetch pf{w + std::min(n0 + NR, n1) * K, nullptr, per4 / 2, per4 - per4 / 2, nullptr};
   for (int64_t n = n0; n < n1; n += NR) {
     const int64_t nr = std::min<int64_t>(NR, n1 - n);
     const float* wb = w + n * K;
@@ -169,6 +185,7 @@ void columns(const float* xk, const float* x, int64_t M, const float* w, float* 
         const int64_t mr = std::min<int64_t>(MR, M - m);
         float* ab = acc_buf.data() + m * NR * 8;
         const float* xb = xk + m * k8 + k0 * mr;
+        pf.next = groups == 1 && n + 2 * NR <= n1 ? wb + NR * K + k0 : nullptr;
         if (nr == NR) {
           if (MR == 4 && NR == 3 && mr == 4) tile43(xb, wb + k0, K, steps, ab, first, pf);
           else if (mr == MR) tile<MR, NR, PF>(xb, wb + k0, K, steps, ab, first, pf);
