@@ -33,6 +33,7 @@ CACHE = Path(os.environ.get("PICOSPEC_ARM_CACHE", Path.home() / ".cache/picospec
 SYSROOT = CACHE / "sysroot"
 SITE = SYSROOT / "opt/picospec/site-packages"
 ARM_PY = SYSROOT / "usr/bin/python3.11"
+ARM_PYW = SYSROOT / "usr/bin/python3-qemu"  # qemu-aarch64-static -L SYSROOT -0 $0 ARM_PY (arm/sysroot.sh)
 QEMU = os.environ.get("QEMU", "qemu-aarch64-static")
 HEAVY_LOCK = "/tmp/picospec-heavy.lock"
 
@@ -84,8 +85,9 @@ def emulated_env() -> dict[str, str]:
 
 
 def emulated(*args: str) -> list[str]:
-    """argv running the sysroot's aarch64 Python under qemu-user (nice'd: 2 shared cores)."""
-    return ["nice", "-n", "19", QEMU, "-L", str(SYSROOT), str(ARM_PY), *args]
+    """argv running the sysroot's aarch64 Python under qemu-user (nice'd: 2 shared cores), through
+    the wrapper, so that its sys.executable (and every child interpreter) is emulated too."""
+    return ["nice", "-n", "19", str(ARM_PYW), *args]
 
 
 def step_setup() -> bool:
@@ -106,7 +108,7 @@ def step_tests() -> bool:
     t = time.monotonic()
     cmd = emulated("-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "arm.pytest_emulated",
                    "-o", "addopts=", "-rfEs", *TEST_FILES, *[f"--deselect={d}" for d in DESELECT])
-    line("$ " + " ".join(cmd[3:]).replace(str(SYSROOT), "SYSROOT"))
+    line(f"$ {QEMU} -L SYSROOT SYSROOT/usr/bin/python3.11 " + " ".join(cmd[4:]))
     r = subprocess.run(cmd, cwd=ROOT, env=emulated_env(), capture_output=True, text=True)
     out = r.stdout.strip().splitlines()
     tail = out[-1] if out else r.stderr.strip()[-300:]

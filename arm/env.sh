@@ -10,6 +10,7 @@ APTDIR="$ARM_CACHE/apt"                                           # a private ap
 # the edge's Python packages (aarch64 wheels); a folder of its own, put on PYTHONPATH
 SITE="$SYSROOT/opt/picospec/site-packages"
 ARM_PY="$SYSROOT/usr/bin/python3.11"
+ARM_PYW="$SYSROOT/usr/bin/python3-qemu"                           # x86 script: qemu + ARM_PY (sysroot.sh)
 QEMU="${QEMU:-qemu-aarch64-static}"
 
 LLAMA_VERSION="${LLAMA_VERSION:-0.3.36}"
@@ -22,7 +23,7 @@ ARM_WHEELS="$HOME/.cache/picospec/wheels/$(echo "aarch64 $LLAMA_VERSION $ARM_LLA
 arm_run() { "$QEMU" -L "$SYSROOT" "$@"; }
 # the emulated Python with the edge's packages and this repository on its path
 arm_python() {
-  PYTHONPATH="$ARM_ROOT:$SITE" "$QEMU" -L "$SYSROOT" "$ARM_PY" "$@"
+  PYTHONPATH="$ARM_ROOT:$SITE" "$ARM_PYW" "$@"
 }
 
 say() { printf '[arm] %s\n' "$*" >&2; }
