@@ -3,6 +3,7 @@ torch's stock linear layers and with the row-streaming kernel (cloud/kernels.py)
 
     python -m bench.verify_curve --threads 1 --context 200
     python -m bench.verify_curve --random-init          # Qwen2.5 1.5B geometry, random weights
+    python -m bench.verify_curve --layers --clock cpu   # single linear layers only, no model
 
 The two kernels are measured alternately, repeat by repeat, and each T(k) is the minimum over
 repeats (the machine may be shared: the load average is printed beside the numbers). It also prints
@@ -78,6 +79,49 @@ def use_kernel(engine: TargetEngine, kernel: str) -> str:
     return accelerate_linears(engine.model, enabled=True)
 
 
+# The target's linear layers that carry its weight stream: MLP up/gate, MLP down, the lm_head
+LAYERS = {"up 8960x1536": (8960, 1536), "down 1536x8960": (1536, 8960), "lm_head 151936x1536": (151936, 1536)}
+
+
+@torch.inference_mode()
+def layer_curves(ks: list[int], repeats: int, clock, kernels: list[str]) -> dict:
+    """Milliseconds per product of k rows with each of LAYERS' weights: {layer: {kernel: {k: ms}}},
+    the minimum over `repeats` rounds in which the kernels alternate. The MLP layers cycle through
+    6 weight copies (330 MB), so every product streams its weights from memory as in the model."""
+    import torch.nn.functional as F
+
+    from cloud.kernels import load_kernel, rowstream_linear
+
+    ok, why = load_kernel()
+    if not ok:
+        raise SystemExit(f"fast kernel unavailable: {why}")
+    run = {"stock": F.linear, "fast": rowstream_linear}
+    g = torch.Generator().manual_seed(0)
+    out: dict = {}
+    for name, (n, kk) in LAYERS.items():
+        copies = 1 if n * kk > 1e8 else 6
+        ws = [torch.randn(n, kk, generator=g) for _ in range(copies)]
+        calls = max(3, int(2e9 / (n * kk * 4)) // copies * copies // 2)  # ~0.5 s of streaming
+        best = {kernel: {k: float("inf") for k in ks} for kernel in kernels}
+        for k in ks:
+            x = torch.randn(k, kk, generator=g)
+            for _ in range(repeats):
+                for kernel in kernels:
+                    t0 = clock()
+                    for c in range(calls):
+                        run[kernel](x, ws[c % copies])
+                    best[kernel][k] = min(best[kernel][k], (clock() - t0) / calls * 1e3)
+        out[name] = best
+        print(f"\n{name}: ms per product ({calls} products a round, min over {repeats} rounds)")
+        print(f"{'k':>4} " + " ".join(f"{kernel:>10}" for kernel in kernels))
+        for k in ks:
+            print(f"{k:>4} " + " ".join(f"{best[kernel][k]:10.3f}" for kernel in kernels))
+        if 1 in ks and 8 in ks:
+            print("  T(8)/T(1): " + ", ".join(f"{kernel} {best[kernel][8] / best[kernel][1]:.2f}" for kernel in kernels),
+                  flush=True)
+    return out
+
+
 @torch.inference_mode()
 def compare_logits(engine: TargetEngine, context: int, k: int, greedy: int, seed: int = 1) -> dict:
     """Stock vs fast on the same k-token pass after the same context (each kernel end to end):
@@ -113,11 +157,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="cpu: the calling thread's CPU time (steadier on a shared machine; one thread only)")
     ap.add_argument("--greedy", type=int, default=8, help="greedy tokens compared (0: skip the check)")
     ap.add_argument("--json", default="bench/results/verify_curve.json")
+    ap.add_argument("--layers", action="store_true",
+                    help="time single linear layers (MLP up, down, lm_head shapes) instead of the model")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     ks = [int(k) for k in args.ks.split(",")]
     kernels = args.kernels.split(",")
     clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+    if args.layers:
+        print(f"single layers, {args.threads} thread(s), {args.clock} clock, load average {load_average()}")
+        layer_curves(ks, args.repeats, clock, kernels)
+        return 0
 
     t0 = time.perf_counter()
     engine = random_target() if args.random_init else real_target()

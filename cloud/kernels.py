@@ -65,9 +65,6 @@ struct Prefetch {
   const float* cur;
   const float* end;
   int qa, qb;
-  // One group of rows (M <= 4): instead, the next block's rows at this tile's k position, one line
-  // of each per two k steps (`next`: the next block's first row at this k block; null if none).
-  const float* next;
   inline void one() {
     _mm_prefetch(reinterpret_cast<const char*>(cur), _MM_HINT_T0);
     cur += 16;
@@ -132,13 +129,7 @@ inline void tile43(const float* __restrict x, const float* __restrict w, int64_t
   }
   int64_t s = 0;
   for (; s + 2 <= steps; s += 2) {
-    if (pf.next) {
-      _mm_prefetch(reinterpret_cast<const char*>(pf.next + s * 8), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf.next + K + s * 8), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(pf.next + 2 * K + s * 8), _MM_HINT_T0);
-    } else {
-      for (int q = (s & 2) ? pf.qb : pf.qa; q > 0; --q) pf.one();
-    }
+    for (int q = (s & 2) ? pf.qb : pf.qa; q > 0; --q) pf.one();
     PICOSPEC_STEP(0, 0)
     PICOSPEC_STEP(8, 32)
     w0 += 16; w1 += 16; w2 += 16; x += 64;
@@ -172,7 +163,7 @@ void columns(const float* xk, const float* x, int64_t M, const float* w, float* 
   // two groups of 4 rows, 3 lines per 4 steps).
   const int64_t groups = (M + MR - 1) / MR;
   const int per4 = static_cast<int>(std::min<int64_t>(6, (2 * NR + groups - 1) / groups));
-  Prefetch pf{w + std::min(n0 + NR, n1) * K, nullptr, per4 / 2, per4 - per4 / 2, nullptr};
+  Prefetch pf{w + std::min(n0 + NR, n1) * K, nullptr, per4 / 2, per4 - per4 / 2};
   for (int64_t n = n0; n < n1; n += NR) {
     const int64_t nr = std::min<int64_t>(NR, n1 - n);
     const float* wb = w + n * K;
@@ -185,7 +176,6 @@ void columns(const float* xk, const float* x, int64_t M, const float* w, float* 
         const int64_t mr = std::min<int64_t>(MR, M - m);
         float* ab = acc_buf.data() + m * NR * 8;
         const float* xb = xk + m * k8 + k0 * mr;
-        pf.next = groups == 1 && n + 2 * NR <= n1 ? wb + NR * K + k0 : nullptr;
         if (nr == NR) {
           if (MR == 4 && NR == 3 && mr == 4) tile43(xb, wb + k0, K, steps, ab, first, pf);
           else if (mr == MR) tile<MR, NR, PF>(xb, wb + k0, K, steps, ab, first, pf);
@@ -196,6 +186,74 @@ void columns(const float* xk, const float* x, int64_t M, const float* w, float* 
           for (int64_t i = 0; i < mr; ++i)
             for (int64_t j = 0; j < nr; ++j)
               tile1(xb + i * 8, mr * 8, wb + j * K + k0, steps, ab + (i * NR + j) * 8, first);
+        }
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < nr; ++j)
+        y[m * N + n + j] = finish(_mm256_loadu_ps(acc_buf.data() + (m * NR + j) * 8), x + m * K,
+                                  wb + j * K, k8, K, bias ? bias[n + j] : 0.f);
+  }
+}
+
+// Two to four input rows (one row group): the k-blocked kernel below, which measured faster
+// there than the packed-group one (its prefetch: the next block's rows at this k, from the first
+// tile). Same arithmetic in the same order as every other tile.
+// Accumulates k in [k0, k0 + len) for an MR x NR tile of outputs (MR input rows, NR weight rows).
+// x: the input rows' slice of this k block, `ldx` apart. The 8-lane accumulators are kept in `acc`
+// between k blocks, stored and reloaded exactly. `pf`, when set, is the next block of weight rows:
+// fetched into cache now, so that memory streams while the arithmetic runs.
+template <int MR, int NR>
+inline void tile_small(const float* x, int64_t ldx, const float* w, int64_t K, int64_t k0, int64_t len,
+                 float* acc_buf, bool first, const float* pf) {
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j)
+      acc[i][j] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc_buf + (i * NR + j) * 8);
+  const float* wk = w + k0;
+  for (int64_t k = 0; k < len; k += 8) {
+    if (pf && (k & 15) == 0)
+      for (int j = 0; j < NR; ++j)
+        _mm_prefetch(reinterpret_cast<const char*>(pf + j * K + k0 + k), _MM_HINT_T0);
+    __m256 wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = _mm256_loadu_ps(wk + j * K + k);
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xv = _mm256_loadu_ps(x + i * ldx + k);
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int j = 0; j < NR; ++j) _mm256_storeu_ps(acc_buf + (i * NR + j) * 8, acc[i][j]);
+}
+
+// Output columns [n0, n1): each block of NR weight rows is streamed from memory once, one k block
+// at a time, and reused from L1 by every block of MR input rows. xk: the input packed by k block
+// ([k8 / kc][M][kc], contiguous, so that the rows do not fight over L1 sets); x: as given (k tail).
+template <int MR, int NR>
+void columns_small(const float* xk, const float* x, int64_t M, const float* w, float* y, int64_t N,
+             int64_t K, const float* bias, int64_t n0, int64_t n1, int64_t kc) {
+  const int64_t k8 = K & ~int64_t(7);
+  std::vector<float> acc_buf(((M + MR - 1) / MR) * MR * NR * 8);
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int64_t nr = std::min<int64_t>(NR, n1 - n);
+    const float* wb = w + n * K;
+    for (int64_t k0 = 0, kb = 0; k0 < k8 || k0 == 0; k0 += kc, ++kb) {
+      const int64_t len = std::min(k8 - k0, kc);
+      for (int64_t m = 0; m < M; m += MR) {
+        const int64_t mr = std::min<int64_t>(MR, M - m);
+        float* ab = acc_buf.data() + m * NR * 8;
+        const float* xb = xk + (kb * M + m) * kc;
+        const bool first = k0 == 0;
+        const float* pf = MR > 1 && m == 0 && n + 2 * NR <= n1 ? wb + NR * K : nullptr;
+        if (nr == NR) {
+          if (mr == MR) tile_small<MR, NR>(xb, kc, wb, K, k0, len, ab, first, pf);
+          else if (mr == 3) tile_small<3, NR>(xb, kc, wb, K, k0, len, ab, first, pf);
+          else if (mr == 2) tile_small<2, NR>(xb, kc, wb, K, k0, len, ab, first, pf);
+          else tile_small<1, NR>(xb, kc, wb, K, k0, len, ab, first, pf);
+        } else {  // the last few weight rows, one output at a time
+          for (int64_t i = 0; i < mr; ++i)
+            for (int64_t j = 0; j < nr; ++j)
+              tile_small<1, 1>(xb + i * kc, kc, wb + j * K, K, k0, len, ab + (i * NR + j) * 8, first, nullptr);
         }
       }
     }
@@ -237,19 +295,34 @@ at::Tensor rowstream_linear(const at::Tensor& input, const at::Tensor& weight,
   const int64_t kc = std::max<int64_t>(128, std::min<int64_t>(K, (4096 / M) & ~int64_t(7)));
   const int64_t k8 = K & ~int64_t(7);
   // The input packed in groups of MR rows, each group step by step: [k8 / 8][rows in group][8].
-  std::vector<float> xk(std::max<int64_t>(k8, 8) * M);
-  for (int64_t m = 0; m < M; ++m) {
+  std::vector<float> xk;
+  if (M == 1 || M > 4) xk.resize(std::max<int64_t>(k8, 8) * M);
+  for (int64_t m = 0; m < M && (M == 1 || M > 4); ++m) {
     const int64_t g = m / MR, rows = std::min<int64_t>(MR, M - g * MR), i = m - g * MR;
     float* dst = xk.data() + g * MR * k8 + i * 8;
     for (int64_t s = 0; s < k8 / 8; ++s)
       std::copy(xp + m * K + s * 8, xp + m * K + s * 8 + 8, dst + s * rows * 8);
   }
   const int64_t blocks = (N + NR - 1) / NR;
+  if (M >= 2 && M <= 4) {  // one row group: the k-blocked kernel, input packed [k block][M][kc]
+    const int64_t kblocks = std::max<int64_t>(1, (k8 + kc - 1) / kc);
+    std::vector<float> xs(kblocks * M * kc);
+    for (int64_t kb = 0; kb < kblocks; ++kb)
+      for (int64_t m = 0; m < M; ++m) {
+        const int64_t k0 = kb * kc, len = std::min(k8 - k0, kc);
+        std::copy(xp + m * K + k0, xp + m * K + k0 + len, xs.data() + (kb * M + m) * kc);
+      }
+    at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = b0 * NR, n1 = std::min(N, b1 * NR);
+      if (M == 2) columns_small<2, 6>(xs.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
+      else if (M == 3) columns_small<3, 4>(xs.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
+      else columns_small<4, 3>(xs.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
+    });
+    return y.view(out_sizes);
+  }
   at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
     const int64_t n0 = b0 * NR, n1 = std::min(N, b1 * NR);
     if (M == 1) columns<1, 8, false>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
-    else if (M == 2) columns<2, 6, true>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
-    else if (M == 3) columns<3, 4, true>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
     else columns<4, 3, true>(xk.data(), xp, M, wp, yp, N, K, bp, n0, n1, kc);
   });
   return y.view(out_sizes);
