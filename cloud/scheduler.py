@@ -17,7 +17,8 @@ Batching (the default, `batch=True`): each tick pulls every ready item, oldest f
 the head of the queue for the next tick), and runs their feeds as ONE forward pass over their
 sessions' own caches (cloud/batch_forward.py); each item's finish gets its own rows. A session has
 at most one item queued (its work loop awaits each), so oldest-first is round-robin over sessions,
-and a long prompt, fed in chunks, lets the others' verify passes into every tick. Every pass runs
+and a long prompt, fed in chunks, lets the others' verify passes into every tick; a tick takes at
+most `max_prefill` prompt chunks, so verdicts do not wait behind many sessions' prompts. Every pass runs
 through the batched code, a session alone included, so an answer does not depend on who else was
 in its passes. A pass that fails is undone in every cache and its items rerun one by one: a bad
 item costs only its own session. An engine or model the batched pass does not support runs alone.
@@ -143,9 +144,10 @@ class Scheduler:
     ready item (up to max_tokens fed ids) in one forward pass per tick; without, one at a time.
     `metrics` (cloud/metrics.Metrics), when given, gets the batch size and tokens per pass."""
 
-    def __init__(self, batch: bool = True, max_tokens: int = 256, metrics=None) -> None:
+    def __init__(self, batch: bool = True, max_tokens: int = 256, metrics=None, max_prefill: int = 1) -> None:
         self.batch = batch
         self.max_tokens = max_tokens
+        self.max_prefill = max_prefill  # prefill chunks per tick: a verdict never waits behind many
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify")
         self.ready: collections.deque[Work] = collections.deque()
@@ -167,7 +169,9 @@ class Scheduler:
 
     def pull(self) -> list[Work]:
         """The items of the next tick: the oldest live one, then (batching) every other live one
-        that fits in max_tokens, in age order; the rest keep their places."""
+        that fits in max_tokens, in age order, with at most max_prefill prompt chunks (a prompt's
+        rows cost as much batched as alone, and a tick full of them would delay every verdict);
+        the rest keep their places."""
         while self.ready and self.ready[0].future.done():  # cancelled by its session meanwhile
             self.ready.popleft()
         if not self.ready:
@@ -176,13 +180,16 @@ class Scheduler:
         if not self.batch:
             return [first]
         tick, budget, left = [first], self.max_tokens - len(first.feed), collections.deque()
+        prefills = int(first.kind == "prefill")
         while self.ready:
             work = self.ready.popleft()
             if work.future.done():
                 continue
-            if len(work.feed) <= budget:
+            is_prefill = work.kind == "prefill"
+            if len(work.feed) <= budget and not (is_prefill and prefills >= self.max_prefill):
                 tick.append(work)
                 budget -= len(work.feed)
+                prefills += is_prefill
             else:
                 left.append(work)
         self.ready = left

@@ -108,7 +108,7 @@ def test_a_tick_takes_the_oldest_first_and_fills_the_token_budget_in_age_order(t
         sched = Scheduler(batch=True, max_tokens=10)
         loop = asyncio.get_running_loop()
         engine = TargetEngine(target)
-        items = [_work("prefill", engine, [1] * n) for n in (12, 4, 7, 3, 2)]
+        items = [_work("verify", engine, [1] * n) for n in (12, 4, 7, 3, 2)]
         for w in items:
             w.future = loop.create_future()
             sched.ready.append(w)
@@ -121,6 +121,22 @@ def test_a_tick_takes_the_oldest_first_and_fills_the_token_budget_in_age_order(t
     assert first == [items[0]]  # the oldest runs even past the budget
     assert second == [items[1], items[4]]  # 4 + 2 fit in 10; 7 would not (4 + 7 > 10)
     assert third == [items[2]]
+
+
+def test_a_tick_takes_one_prompt_chunk_and_every_verify_pass(target):
+    async def run():
+        sched = Scheduler(batch=True, max_tokens=256)
+        loop = asyncio.get_running_loop()
+        engine = TargetEngine(target)
+        items = [_work(kind, engine, [1] * n) for kind, n in
+                 (("prefill", 64), ("prefill", 64), ("verify", 5), ("fill", 1), ("prefill", 30), ("verify", 9))]
+        for w in items:
+            w.future = loop.create_future()
+            sched.ready.append(w)
+        return items, sched.pull(), sched.pull(), sched.pull()
+    items, first, second, third = asyncio.run(run())
+    assert first == [items[0], items[2], items[3], items[5]]
+    assert second == [items[1]] and third == [items[4]]
 
 
 def test_a_long_prompt_is_chunked_so_verify_passes_join_every_tick(target):
