@@ -290,6 +290,8 @@ at::Tensor rowstream_linear(const at::Tensor& input, const at::Tensor& weight,
   float* yp = y.data_ptr<float>();
   // Register tiles of MR x NR <= 12 accumulators; one row keeps 8 weight streams in flight.
   // The k block keeps the input rows' slice in L1 (~16 KB); it never changes the arithmetic.
+  // One row and five or more (verify passes of 8 and 16): the input packed per group of 4 rows,
+  // the hand-written 4x3 tile and the rate-matched prefetch; 2-4 rows: the k-blocked kernel.
   const int64_t MR = M == 1 ? 1 : M == 2 ? 2 : M == 3 ? 3 : 4;
   const int64_t NR = M == 1 ? 8 : M == 2 ? 6 : M == 3 ? 4 : 3;
   const int64_t kc = std::max<int64_t>(128, std::min<int64_t>(K, (4096 / M) & ~int64_t(7)));
