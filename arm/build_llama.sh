@@ -18,7 +18,7 @@ if [[ -z "$wheel" ]]; then
   CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
   CMAKE_ARGS="-DCMAKE_TOOLCHAIN_FILE=$ARM_ROOT/arm/aarch64-toolchain.cmake $ARM_LLAMA_CMAKE_ARGS" \
     nice -n 19 "${pip[@]}" wheel -q --disable-pip-version-check --no-cache-dir --no-deps -w "$tmp" \
-    "llama-cpp-python==$LLAMA_VERSION"
+    "llama-cpp-python==$LLAMA_VERSION" 2> >(quiet_pip >&2)
   built=$(ls "$tmp"/llama_cpp_python-*.whl)
   case "$built" in
     *linux_aarch64.whl) ;;

@@ -26,4 +26,6 @@ arm_python() {
   PYTHONPATH="$ARM_ROOT:$SITE" "$ARM_PYW" "$@"
 }
 
+# pip's warnings about this machine's unused local index folders are noise in the PASS/FAIL output
+quiet_pip() { grep -v "is neither a file nor a directory" || true; }
 say() { printf '[arm] %s\n' "$*" >&2; }

@@ -75,7 +75,7 @@ python_packages() {
   [[ -x "$ARM_ROOT/.venv/bin/pip" ]] && pip=("$ARM_ROOT/.venv/bin/pip")
   "${pip[@]}" install -q --disable-pip-version-check --root-user-action=ignore --no-warn-script-location --target "$SITE" \
     --only-binary=:all: --implementation cp --python-version 3.11 --abi cp311 --abi abi3 --abi none \
-    "${plats[@]}" "${pins[@]}"
+    "${plats[@]}" "${pins[@]}" 2> >(quiet_pip >&2)
   touch "$SITE/.pkgs-done"
 }
 
