@@ -40,6 +40,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--msg-burst", type=float, default=800.0, help="messages per connection allowed at once")
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain: serve wss:// (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--no-batch", action="store_true",
+                   help="one session's pass at a time (default: every ready session's work in one pass per tick)")
+    p.add_argument("--batch-max-tokens", type=int, default=256, help="most ids fed in one batched pass (default 256)")
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S,
                    help="seconds a SIGTERM drain may take before open sessions are cut (default 45)")
     p.add_argument("--log-level", default="INFO")
@@ -80,7 +83,8 @@ def server_config(args):
         max_block=args.max_block, max_context=args.max_context, idle_timeout_s=args.idle_timeout,
         hello_timeout_s=args.hello_timeout, max_msg_size=args.max_msg_size,
         msgs_per_s=args.max_msgs_per_s, msg_burst=args.msg_burst,
-        tls_cert=args.tls_cert, tls_key=args.tls_key)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, batch=not args.no_batch,
+        batch_max_tokens=args.batch_max_tokens)
 
 
 def read_tokens(path: str | None) -> tuple[str, ...]:
