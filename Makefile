@@ -68,7 +68,7 @@ clean:
 # ~/.cache/picospec/arm64), llama-cpp-python cross-compiled with Pi 5 flags (cached wheel), the
 # edge's torch-free tests under emulation, a 16-token greedy generation by the emulated edge against
 # a native verifier (token for token the x86 edge's), and doctor under emulation. Not in CI: cold it
-# takes ~40 min on 2 cores (the cross build alone ~20), warm ~15 (docs/EDGE_HARDWARE.md).
+# takes ~25-30 min on 2 cores (the cross build alone ~15), warm ~8 (docs/EDGE_HARDWARE.md).
 .PHONY: arm-check
 arm-check: install
 	nice -n 19 $(PY) arm/check.py
