@@ -25,7 +25,7 @@ from edge_app.link import CloudError, CloudLink
 from edge_app.meters import EdgeMeters
 from edge_app.policy import Estimates
 from edge_app.recovery import run_edge_only, run_edge_until_cloud_returns
-from edge_app.speculate import SWITCH_TO_CLOUD, SpeculativeLoop
+from edge_app.speculate import SWITCH_TO_CLOUD, SpeculativeLoop, fills_bubbles
 from edge_app.variants import variant_for
 
 # "idle_timeout": the verifier evicted a session that sat idle; a new one resumes the answer.
@@ -117,6 +117,8 @@ class Pipeline:
         the prompts may have changed, and only speculating measures them again.
         """
         est = self.estimates
+        if fills_bubbles(self.opt, "auto", self.variant.name):
+            return False  # the pipeline with filling is never slower than cloud-only (speculate.py)
         plan = est.plan(allow_sync=True, allow_cloud=True)
         if plan is None or plan.mode != "cloud" or est.cloud_answers >= RECHECK_AFTER:
             est.cloud_answers = 0

@@ -35,6 +35,12 @@ from edge_app.variants import ExactVariant, PaperVariant
 from sampling import SparseDist, draft_dist, sample_sparse
 
 DEFAULT_BLOCK = 4
+
+
+def fills_bubbles(options, mode: str, variant: str) -> bool:
+    """Whether the cloud is asked to commit target tokens of its own while drafts are stale:
+    in the pipeline and auto (not in sync, the vanilla baseline), with the exact variant."""
+    return options.fill and mode != "sync" and variant == "exact"
 SWITCH_TO_CLOUD = "cloud"  # what run() returns when auto decides cloud-only is faster
 
 
@@ -67,6 +73,7 @@ class SpeculativeLoop:
         self.rivals: dict[int, tuple[int, float]] = {}
         self.branch: Branch | None = None
         self.plan = Plan(mode if mode != "auto" else "pipeline", DEFAULT_BLOCK, DEFAULT_BLOCK, 0.0)
+        self.fills = fills_bubbles(self.opt, mode, variant.name)
 
     @property
     def committed(self) -> list[int]:
@@ -77,8 +84,8 @@ class SpeculativeLoop:
         """Returns None when the answer is done, SWITCH_TO_CLOUD when auto hands it to the cloud."""
         # 1. both sides prefill at once: the committed prefix goes up first, the edge prefills
         #    locally and starts drafting; the cloud's Prefilled brings the first token and the epoch
-        fill = self.opt.fill and self.mode != "sync" and self.variant.name == "exact"
-        await self.link.send(codec.Prompt(ids=self.committed, max_new_tokens=self.answer.remaining(), fill=fill))
+        await self.link.send(codec.Prompt(ids=self.committed, max_new_tokens=self.answer.remaining(),
+                                          fill=self.fills))
         await self._drafter_call("prefill", self.drafter.prefill, list(self.committed))
         while self.answer.done_reason is None:
             # 2. apply every message that has arrived (between draft steps)
@@ -129,7 +136,11 @@ class SpeculativeLoop:
             return Plan(mode, block, block if mode == "sync" else (self.opt.run_ahead or 2 * block), 0.0)
         if self.mode == "sync":  # the vanilla baseline keeps one block size
             return Plan("sync", self.est.sync_block, self.est.sync_block, 0.0)
-        plan = self.est.plan(allow_sync=self.mode == "auto", allow_cloud=self.mode == "auto")
+        # with bubble filling the pipeline is never slower than cloud-only (a stale draft costs the
+        # cloud nothing: it commits its own tokens meanwhile), and it dominates sync; the model's
+        # choice between the three matters where the cloud cannot fill (the paper variant)
+        choose = self.mode == "auto" and not self.fills
+        plan = self.est.plan(allow_sync=choose, allow_cloud=choose)
         if plan is None:  # nothing measured yet: a middle-of-the-road pipeline
             return Plan("pipeline", DEFAULT_BLOCK, self.opt.run_ahead or 2 * DEFAULT_BLOCK, 0.0)
         if plan.mode == "pipeline" and self.opt.run_ahead:

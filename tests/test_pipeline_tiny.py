@@ -310,14 +310,17 @@ def test_auto_is_exact_and_learns_the_numbers_it_plans_with(server, target, nois
 
 
 def test_auto_hands_answers_to_the_cloud_when_drafting_cannot_pay(server, target):
-    """A draft step far slower than a cloud token and poor acceptance: auto streams from the cloud
-    (the answer is still the target's), and after four such answers speculates once to re-measure."""
+    """A draft step far slower than a cloud token and poor acceptance, and no bubble filling: auto
+    streams from the cloud (the answer is still the target's), and after four such answers
+    speculates once to re-measure."""
     from edge_app.policy import Estimates
 
     est = Estimates(t_draft=5.0, t_rtt=0.01, acceptance=0.1, t_cloud=0.002)
     est.verify.observe(1, 0.002)
     prompts = PROMPTS + [PROMPTS[0]]
-    answers = asyncio.run(_auto_answers(server.url, TinyDrafter(perturbed(target, 1.0)), prompts, est))
+    # without bubble filling: with it, the pipeline is never slower than cloud-only and auto keeps it
+    answers = asyncio.run(_auto_answers(server.url, TinyDrafter(perturbed(target, 1.0)), prompts, est,
+                                        fill=False))
     for prompt, ans in zip(prompts, answers):
         assert ans.token_ids == reference(target, prompt, 24)
     assert [a.stats.mode_switches for a in answers[:4]] == [["cloud"]] * 4
@@ -340,3 +343,15 @@ def test_branch_predrafting_stays_exact_and_sometimes_foresees_the_recovered_tok
             assert ans.token_ids == reference(target, prompt, 40)
             hits, branches = hits + ans.stats.branch_hits, branches + ans.stats.branches
     assert branches > 0 and 0 < hits <= branches
+
+
+def test_auto_with_bubble_filling_keeps_the_pipeline_even_when_drafting_looks_slow(server, target):
+    """With filling the pipeline cannot be slower than cloud-only: auto does not hand over."""
+    from edge_app.policy import Estimates
+
+    est = Estimates(t_draft=5.0, t_rtt=0.01, acceptance=0.1, t_cloud=0.002)
+    est.verify.observe(1, 0.002)
+    answers = asyncio.run(_auto_answers(server.url, TinyDrafter(perturbed(target, 1.0)), PROMPTS[:2], est))
+    for prompt, ans in zip(PROMPTS[:2], answers):
+        assert ans.token_ids == reference(target, prompt, 24)
+        assert ans.stats.mode_switches == []

@@ -200,7 +200,7 @@ def test_auto_hands_the_answer_to_cloud_only_after_two_rounds_with_nothing_in_fl
     from edge_app.speculate import SWITCH_TO_CLOUD
 
     link = ScriptedLink(accept_all(epoch_of_prefill=1))
-    opts = GenerateOptions(max_new_tokens=20, mode="auto", stop_ids=())
+    opts = GenerateOptions(max_new_tokens=20, mode="auto", stop_ids=(), fill=False)
     answer = AnswerState([1, 2, 3], opts, GenerationStats(mode="auto"), EdgeMeters())
     est = Estimates(t_draft=5.0, t_rtt=0.01, acceptance=0.1, t_cloud=0.001)
     est.verify.observe(1, 0.001)
