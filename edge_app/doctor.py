@@ -104,6 +104,14 @@ def _read(path: Path) -> str | None:
         return None
 
 
+X86_ONLY = {"sse2", "avx", "avx2", "fma", "f16c"}
+
+
+def emulated(arch: str, cpu_flags: list[str] | set[str]) -> bool:
+    """An ARM interpreter on an x86 host (qemu user mode): the kernel's cpuinfo is the host's."""
+    return arch.lower() in ("aarch64", "arm64", "armv7l") and bool(X86_ONLY & set(cpu_flags))
+
+
 def cpu_section(root: Path) -> dict:
     info = parse_cpuinfo(_read(root / "proc/cpuinfo") or "")
     info["logical_cores"] = info["logical_cores"] or os.cpu_count()
@@ -317,6 +325,10 @@ def collect(rtt_ms: float | None = None, draft_ms: float | None = None,
     if report["gpu"]["jetson"] and not report["llama_cpp"].get("gpu_offload"):
         notes.append("Jetson: build llama-cpp-python with CMAKE_ARGS=-DGGML_CUDA=on and offload the "
                      "draft (n_gpu_layers=-1)")
+    report["emulated"] = emulated(report["os"]["arch"], cpu.get("features") or [])
+    if report["emulated"]:
+        notes.append(f"{report['os']['arch']} under emulation on an x86 host: speed, draft time, the "
+                     "recommended settings and energy are the emulator's, not a real device's")
     report["recommendations"] = {"threads": threads, "threads_reason": why, "notes": notes,
                                  **recommend_mode(rtt_ms, draft_ms, verify_ms, acceptance, threads)}
     return report

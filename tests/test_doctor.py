@@ -202,3 +202,11 @@ def test_edge_modules_never_import_torch_or_transformers():
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                           timeout=180, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
+
+
+def test_an_arm_interpreter_on_an_x86_host_is_reported_as_emulated():
+    from edge_app.doctor import emulated
+
+    assert emulated("aarch64", ["avx", "avx2", "fma"])  # qemu-user: the host's cpuinfo shows through
+    assert not emulated("aarch64", ["asimd", "fphp"])  # a real Pi or Jetson
+    assert not emulated("x86_64", ["avx2"])
