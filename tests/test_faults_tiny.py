@@ -181,7 +181,7 @@ def test_blackholed_cloud_goes_edge_only_then_comes_back(target):
             proxy.set_blackhole(True)
             threading.Timer(1.5, proxy.set_blackhole, (False,)).start()
 
-        client = tiny_client(f"ws://127.0.0.1:{proxy.port}/ws", TinyDrafter(draft, step_delay_s=0.01),
+        client = tiny_client(f"ws://127.0.0.1:{proxy.port}/ws", TinyDrafter(draft, step_delay_s=0.04),
                              reply_timeout_s=0.4, reconnect_s=0.5, connect_timeout_s=0.3,
                              retry_interval_s=0.2)
         commits = Commits(at=10, fault=blackhole)
