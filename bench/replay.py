@@ -17,12 +17,12 @@ from typing import Callable
 import numpy as np
 
 from edge_app.client import EdgeClient
-from sampling import reusable_prefix
+from edge_app.draft_model import TokenListDrafter
 
 MISS_BUCKETS = 10_000
 
 
-class ReplayDrafter:
+class ReplayDrafter(TokenListDrafter):
     """The Drafter interface over a script. At position p it proposes reference[p - len(prompt)],
     or another token with probability miss_rate; the choice is a hash of (seed, p, previous
     token), so a run is reproducible and a retry at the same place guesses the same."""
@@ -30,6 +30,7 @@ class ReplayDrafter:
     def __init__(self, prompt: list[int], reference: list[int], vocab_size: int, miss_rate: float = 0.2,
                  seed: int = 0, nap_at: int | None = None, nap_s: float = 0.0,
                  quiet: Callable[[], bool] = lambda: True):
+        super().__init__()
         self.prompt_len = len(prompt)
         self.reference = list(reference)
         self.n_vocab = vocab_size
@@ -37,35 +38,18 @@ class ReplayDrafter:
         # the nap starts once nothing is in flight (`quiet`): a session whose drafts wait behind
         # other sessions' passes is busy, not idle, and the verifier rightly keeps it
         self.nap_at, self.nap_s, self.napped, self.quiet = nap_at, nap_s, False, quiet
-        self._tokens: list[int] = []
         self._logits = np.zeros(vocab_size, dtype=np.float32)
         self._peak: int | None = None
 
-    # -- the Drafter interface -------------------------------------------------------------
-    @property
-    def length(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> list[int]:
-        return list(self._tokens)
-
-    def rollback(self, length: int) -> None:
-        del self._tokens[length:]
-
+    # -- the Drafter interface (bookkeeping from TokenListDrafter) --------------------------
     def feed(self, ids: list[int]) -> None:
-        self._tokens += [int(t) for t in ids]
+        super().feed(ids)
         if self.nap_at is not None and not self.napped and self.length >= self.nap_at:
             self.napped = True  # the edge goes quiet mid-answer (a phone in a pocket)
             deadline = time.monotonic() + 600
             while not self.quiet() and time.monotonic() < deadline:
                 time.sleep(0.02)
             time.sleep(self.nap_s)
-
-    def prefill(self, ids: list[int]) -> None:
-        keep = reusable_prefix(self._tokens, ids)
-        self.rollback(keep)
-        self.feed(ids[keep:])
 
     def logits(self) -> np.ndarray:
         """A one-hot score vector on the proposal (the pipeline takes its argmax when greedy)."""

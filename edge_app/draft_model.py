@@ -9,9 +9,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from sampling import common_prefix_len, reusable_prefix
+from sampling import SamplingParams, SparseDist, common_prefix_len, draft_dist, reusable_prefix, sample_sparse
 
-__all__ = ["DraftModel", "common_prefix_len", "resync", "reusable_prefix"]
+__all__ = ["DraftModel", "TokenListDrafter", "common_prefix_len", "draft_step", "resync", "reusable_prefix"]
 
 
 @runtime_checkable
@@ -49,3 +49,43 @@ def resync(drafter: DraftModel, committed: list[int]) -> None:
     keep = common_prefix_len(drafter.tokens[:keep], committed)
     drafter.rollback(keep)
     drafter.feed(committed[keep:])
+
+
+def draft_step(drafter: DraftModel, params: SamplingParams,
+               rng: np.random.Generator) -> tuple[int, SparseDist, np.ndarray]:
+    """Sample one token from the quantised draft distribution (its argmax when greedy) and feed it.
+
+    Returns (token, the distribution it was sampled from, the logits [V] it came from)."""
+    logits = drafter.logits()
+    dist = draft_dist(logits, params)
+    token = int(dist.ids[0]) if params.greedy else sample_sparse(dist, rng)
+    drafter.feed([token])
+    return token, dist, logits
+
+
+class TokenListDrafter:
+    """The bookkeeping every DraftModel shares: the sequence as a token list, prefix reuse on
+    prefill, rollback by truncation. Subclasses compute in `feed` / `logits` (and extend
+    `rollback` when they hold a cache of their own)."""
+
+    def __init__(self) -> None:
+        self._tokens: list[int] = []
+
+    @property
+    def length(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def tokens(self) -> list[int]:
+        return list(self._tokens)
+
+    def rollback(self, length: int) -> None:
+        del self._tokens[length:]
+
+    def feed(self, ids: list[int]) -> None:
+        self._tokens += [int(t) for t in ids]
+
+    def prefill(self, ids: list[int]) -> None:
+        keep = reusable_prefix(self._tokens, ids)
+        self.rollback(keep)
+        self.feed(ids[keep:])

@@ -13,26 +13,17 @@ from typing import Awaitable, Callable
 import numpy as np
 
 from edge_app.answer import AnswerState
-from edge_app.draft_model import DraftModel, resync
+from edge_app.draft_model import DraftModel, draft_step, resync
 from edge_app.link import CloudLink
-from sampling import draft_dist, sample_sparse
 
 Reconnect = Callable[[object], Awaitable[CloudLink | None]]
-
-
-def _draft_token(drafter: DraftModel, answer: AnswerState, rng: np.random.Generator) -> int:
-    """One token from the draft's own distribution, fed back (worker thread)."""
-    params = answer.options.params
-    dist = draft_dist(drafter.logits(), params)
-    token = int(dist.ids[0]) if params.greedy else sample_sparse(dist, rng)
-    drafter.feed([token])
-    return token
 
 
 async def _draft_and_commit(drafter: DraftModel, answer: AnswerState, rng: np.random.Generator,
                             labelled: bool) -> None:
     with answer.meters.phase("draft"):
-        token = await asyncio.get_running_loop().run_in_executor(None, _draft_token, drafter, answer, rng)
+        token = (await asyncio.get_running_loop().run_in_executor(
+            None, draft_step, drafter, answer.options.params, rng))[0]
     answer.stats.drafted += 1
     if labelled:
         answer.stats.edge_only_tokens += 1

@@ -27,12 +27,12 @@ import codec
 from codec import VerdictKind
 from edge_app.answer import AnswerState
 from edge_app.branches import Branch, least_confident, runner_up
-from edge_app.draft_model import DraftModel, resync
+from edge_app.draft_model import DraftModel, draft_step, resync
 from edge_app.link import CloudLink
 from edge_app.policy import Estimates, Plan, ema
 from edge_app.stats import acceptance_rate
 from edge_app.variants import ExactVariant, PaperVariant
-from sampling import SparseDist, draft_dist, sample_sparse
+from sampling import SparseDist
 
 DEFAULT_BLOCK = 4
 
@@ -161,12 +161,8 @@ class SpeculativeLoop:
     def _draft_one(self) -> tuple[int, SparseDist, tuple[int, float] | None]:
         """Sample one token from the quantised draft distribution and feed it (worker thread);
         with branching on, also the runner-up token and its logit margin."""
-        params = self.opt.params
-        logits = self.drafter.logits()
-        dist = draft_dist(logits, params)
-        token = int(dist.ids[0]) if params.greedy else sample_sparse(dist, self.rng)
+        token, dist, logits = draft_step(self.drafter, self.opt.params, self.rng)
         rival = runner_up(logits, token) if self.opt.branch else None
-        self.drafter.feed([token])
         return token, dist, rival
 
     # -- branch pre-drafting (edge_app/branches.py) -------------------------------------------

@@ -13,6 +13,7 @@ import numpy as np
 import codec
 from codec import VerdictKind
 from edge_app.answer import AnswerState, GenerateOptions, GenerationStats
+from edge_app.draft_model import TokenListDrafter
 from edge_app.meters import EdgeMeters
 from edge_app.policy import Estimates
 from edge_app.speculate import SpeculativeLoop
@@ -21,28 +22,8 @@ from edge_app.variants import ExactVariant
 V = 50
 
 
-class CountingDrafter:
+class CountingDrafter(TokenListDrafter):
     """Drafts last token + 1 (mod V), greedily."""
-
-    def __init__(self):
-        self._tokens: list[int] = []
-
-    @property
-    def length(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> list[int]:
-        return list(self._tokens)
-
-    def prefill(self, ids):
-        self._tokens = list(ids)
-
-    def feed(self, ids):
-        self._tokens += list(ids)
-
-    def rollback(self, length):
-        self._tokens = self._tokens[:length]
 
     def logits(self):
         out = np.zeros(V, dtype=np.float32)

@@ -17,7 +17,7 @@ from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
 
 from cloud.engine import TargetEngine
 from cloud.server import ServerConfig, VerifierServer
-from sampling import reusable_prefix
+from edge_app.draft_model import TokenListDrafter
 
 VOCAB = 64
 EOS = 63
@@ -69,31 +69,23 @@ class SlowEngine(TargetEngine):
         return e
 
 
-class TinyDrafter:
+class TinyDrafter(TokenListDrafter):
     """The Drafter interface over a tiny torch model (tests only: the real edge uses llama.cpp)."""
 
     def __init__(self, model: Qwen2ForCausalLM, step_delay_s: float = 0.0):
+        super().__init__()
         self.model = model
         self.step_delay_s = step_delay_s
         self.cache = DynamicCache(config=model.config)
-        self._tokens: list[int] = []
         self._logits: np.ndarray | None = None
         self.n_vocab = model.config.vocab_size
         self.lock = threading.Lock()
 
-    @property
-    def length(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> list[int]:
-        return list(self._tokens)
-
     def rollback(self, length: int) -> None:
-        remove = len(self._tokens) - length
+        remove = self.length - length
         if remove:
             self.cache.crop(-remove)
-        self._tokens = self._tokens[:length]
+        super().rollback(length)
         self._logits = None
 
     @torch.inference_mode()
@@ -101,15 +93,10 @@ class TinyDrafter:
         if not ids:
             return
         out = self.model(input_ids=torch.tensor([ids]), cache=self.cache, use_cache=True)
-        self._tokens += list(ids)
+        super().feed(ids)
         self._logits = out.logits[0, -1].float().numpy().copy()
         if self.step_delay_s:
             time.sleep(self.step_delay_s)
-
-    def prefill(self, ids: list[int]) -> None:
-        keep = reusable_prefix(self._tokens, ids)
-        self.rollback(keep)
-        self.feed(ids[keep:])
 
     def logits(self) -> np.ndarray:
         return self._logits
