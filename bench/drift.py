@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         p_logits = engine.prefill(ids)
         drafter.prefill(ids)
         for _ in range(args.positions):
-            p = target_probs(p_logits.double().numpy(), params)
+            p = target_probs(p_logits.double().cpu().numpy(), params)
             q = draft_dist(drafter.logits(), params)
             rows.append(drift_at(p, q, ks))
             token = int(rng.choice(len(p), p=p))  # continue along a target-distributed text

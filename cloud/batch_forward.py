@@ -100,7 +100,7 @@ def causal_mask(past: int, rows: int, device) -> torch.Tensor | None:
 @torch.inference_mode()
 def batched_forward(model, segments: list[Segment]) -> list[torch.Tensor]:
     """One forward pass over every segment's ids; extends each segment's cache. Returns, per segment,
-    float32 logits on the CPU: [len(ids), V] when all_rows, else [1, V] (its last row)."""
+    float32 logits on the model's device: [len(ids), V] when all_rows, else [1, V] (its last row)."""
     if not segments or any(not s.ids for s in segments):
         raise ValueError("every segment needs at least one id")
     inner = model.model
@@ -147,6 +147,4 @@ def batched_forward(model, segments: list[Segment]) -> list[torch.Tensor]:
     logits = rowwise(model.lm_head, hidden.index_select(0, kept)[None], rows)[0]  # [kept rows, V]
     if logits.dtype != torch.float32:
         logits = logits.float()
-    if logits.device.type != "cpu":
-        logits = logits.cpu()
     return list(torch.split(logits, [len(k) for k in keep]))

@@ -16,7 +16,7 @@ from codec import VerdictKind
 from cloud.draft_queue import Block
 from cloud.errors import SessionError
 from cloud.verify import ExactRule, Rejection
-from sampling import Outcome, SamplingParams, target_probs, top_k_sparse, verify_token
+from sampling import Outcome, SamplingParams
 
 
 class PaperRule(ExactRule):
@@ -26,8 +26,8 @@ class PaperRule(ExactRule):
     # like any other (so its drift can be measured too)
     first_token_from_prefill = False
 
-    def __init__(self, params: SamplingParams, top_k: int = 8):
-        super().__init__(params)
+    def __init__(self, params: SamplingParams, top_k: int = 8, impl: str = "numpy"):
+        super().__init__(params, impl)
         self.top_k = top_k
         self.awaiting_forced = False  # after RECOVER_ON_EDGE: the next block starts with the token
 
@@ -43,21 +43,31 @@ class PaperRule(ExactRule):
         if not self.params.greedy and block.q_scalar is None and block.drafted:
             raise SessionError("bad_message", "paper-variant drafts must carry q(x)")
 
-    def decide(self, block: Block, rows: list[torch.Tensor], rng: np.random.Generator) -> Outcome:
+    def decide(self, block: Block, rows: list[torch.Tensor], bonus: bool,
+               rng: np.random.Generator) -> tuple[Outcome, int | None]:
+        """As ExactRule.decide, with the scalar q(x) the edge sent: accept x with min(1, p(x)/q(x))
+        (u[j] q < p, as the exact rule tests); nothing is recovered here (the edge does it)."""
         if self.params.greedy:
-            return super().decide(block, rows, rng)
+            return super().decide(block, rows, bonus, rng)
+        drafted = block.drafted
+        n = len(drafted)
+        if not drafted and not bonus:
+            return Outcome(0, None), None
+        uniforms = rng.random(n + 1)
         q = block.q_scalar[block.forced:]
-        for j, (x, qx, row) in enumerate(zip(block.drafted, q, rows)):
-            if not verify_token(x, qx, target_probs(row.double().numpy(), self.params), rng):
-                return Outcome(j, None)
-        return Outcome(len(block.drafted), None)
+        for j, (x, q_x, p_x) in enumerate(zip(drafted, q, self.impl.token_probs(rows[:n], drafted, self.params))):
+            if not q_x > 0.0:
+                raise ValueError(f"drafted token {x} has q = {q_x}: it cannot have been sampled")
+            if not (p_x >= q_x or uniforms[j] * q_x < p_x):
+                return Outcome(j, None), None
+        return Outcome(n, None), (self.impl.sample(rows[n], self.params, uniforms[n]) if bonus else None)
 
     def reject(self, outcome: Outcome, row: torch.Tensor) -> Rejection:
         if self.params.greedy:
             return super().reject(outcome, row)
-        top_ids, top_probs = top_k_sparse(target_probs(row.double().numpy(), self.params), self.top_k)
+        top_ids, top_probs = self.impl.top_k(row, self.params, self.top_k)
         # the cache holds every committed id: the row stays pending for the position after them
-        return Rejection(VerdictKind.RECOVER_ON_EDGE, None, row, top_ids.tolist(), top_probs.tolist())
+        return Rejection(VerdictKind.RECOVER_ON_EDGE, None, row, top_ids, top_probs)
 
     def observe(self, kind: VerdictKind) -> None:
         self.awaiting_forced = kind is VerdictKind.RECOVER_ON_EDGE

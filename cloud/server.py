@@ -24,6 +24,7 @@ from cloud.errors import SessionError
 from cloud.limits import TokenBucket
 from cloud.metrics import Metrics, process_memory
 from cloud.read_loop import read_loop
+from cloud.rule_impl import resolve_rule
 from cloud.scheduler import Scheduler
 from cloud.session import VerifySession
 from cloud.work_loop import WorkLoop
@@ -63,6 +64,9 @@ class ServerConfig:
     max_context: int = 32768
     tls_cert: str | None = None
     tls_key: str | None = None
+    # where the accept / recover rule runs (cloud/rule_impl.py): "auto" (torch on a GPU target,
+    # numpy on a CPU one), "numpy" or "torch"
+    rule: str = "auto"
 
     @property
     def accepted_tokens(self) -> tuple[str, ...]:
@@ -84,6 +88,7 @@ class VerifierServer:
         for name in COUNTERS:  # present from the start at 0, so a scraper's rate() has a baseline
             self.metrics.inc(name, 0)
         self.sessions: dict[str, VerifySession] = {}
+        self.rule_impl = resolve_rule(config.rule, engine.device)
         self.draining = False  # set by cloud.drain: refuse new sessions, /healthz answers 503
         self.admission = Admission(config.accepted_tokens, fingerprint, model_name,
                                    config.max_sessions, config.max_sessions_per_token)
@@ -124,7 +129,7 @@ class VerifierServer:
         return web.json_response({
             "status": "draining" if self.draining else "ok", "model": self.model_name, "vocab_size": self.engine.vocab_size,
             "sessions": len(self.sessions), "protocol": list(codec.SUPPORTED_VERSIONS),
-            "device": str(self.engine.device),
+            "device": str(self.engine.device), "rule": self.rule_impl,
             "fingerprint": self.fingerprint,  # the tokenizer's (public): what a hello must match
         }, status=503 if self.draining else 200)
 
@@ -191,7 +196,7 @@ class VerifierServer:
         # no await between admit and taking the slot: concurrent hellos cannot overfill
         conn.session = VerifySession(self.engine.fork(), params, hello.variant, hello.paper_top_k,
                                      eos_id=self.eos_id, max_context=self._max_context(),
-                                     max_queued_entries=cfg.max_queued_entries)
+                                     max_queued_entries=cfg.max_queued_entries, rule_impl=self.rule_impl)
         self.sessions[conn.sid] = conn.session
         await send(conn, codec.Welcome(
             session_id=conn.sid, fingerprint=self.fingerprint, model=self.model_name,

@@ -21,36 +21,39 @@ from cloud.draft_queue import Block, DraftQueue
 from cloud.errors import SessionError
 from cloud.fill import BubbleFill, NoFill
 from cloud.paper_variant import PaperRule
-from cloud.verify import ExactRule, sample_target
+from cloud.verify import ExactRule
 from sampling import SamplingParams
 
 NO_FILL = NoFill()
 
 
-def make_rule(variant: str, params: SamplingParams, paper_top_k: int = 8) -> ExactRule:
-    """The accept / recover rule of a Hello's variant ("exact" or "paper")."""
+def make_rule(variant: str, params: SamplingParams, paper_top_k: int = 8, impl: str = "numpy") -> ExactRule:
+    """The accept / recover rule of a Hello's variant ("exact" or "paper"); impl: where its math
+    runs, "numpy" or "torch" (cloud/rule_impl.py)."""
     if variant == "paper":
-        return PaperRule(params, paper_top_k)
+        return PaperRule(params, paper_top_k, impl)
     if variant == "exact":
-        return ExactRule(params)
+        return ExactRule(params, impl)
     raise SessionError("bad_message", f"unknown variant {variant!r}; use 'exact' or 'paper'")
 
 
 class VerifySession:
-    """The cloud half of one edge session. Not thread-safe: one call at a time."""
+    """The cloud half of one edge session. Not thread-safe: one call at a time.
+    rule_impl: "numpy" or "torch", where the rule's math runs (cloud/rule_impl.resolve_rule)."""
 
     def __init__(self, engine, params: SamplingParams, variant: str = "exact", paper_top_k: int = 8,
-                 eos_id: int | None = None, max_context: int = 32768, max_queued_entries: int = 1 << 21):
+                 eos_id: int | None = None, max_context: int = 32768, max_queued_entries: int = 1 << 21,
+                 rule_impl: str = "numpy"):
         self.engine = engine
         self.params = params
-        self.rule = make_rule(variant, params, paper_top_k)
+        self.rule = make_rule(variant, params, paper_top_k, rule_impl)
         self.eos_id = eos_id
         self.max_context = max_context
         self.rng = np.random.default_rng(params.seed)
         self.committed: list[int] = []  # prompt + answer so far, as both sides agree
         self.prompt_len = 0  # 0 until a prompt is prefilled
         self.max_new_tokens = 0  # the Prompt's answer budget
-        self.pending_row: torch.Tensor | None = None  # see cloud/verify.py: the cache invariant
+        self.pending_row: torch.Tensor | None = None  # [V] on the target's device; see cloud/verify.py
         self.epoch = 0
         self.queue = DraftQueue(max_queued_entries)
         self.fill: NoFill = NO_FILL
@@ -151,12 +154,13 @@ class VerifySession:
         return [] if self.pending_row is not None else self.committed[self.engine.cache_len:]
 
     def keep_row(self, rows: torch.Tensor) -> None:
-        """rows: [n, V] from feeding next_token_feed(); the last predicts the next position."""
+        """rows: [n, V] from feeding next_token_feed() (on the target's device, kept there); the
+        last predicts the next position."""
         self.pending_row = rows[-1]
 
     def commit_next_token(self) -> int:
         """Sample the next token from the pending row (argmax when greedy) and commit it."""
-        token = sample_target(self.pending_row, self.params, self.rng)
+        token = self.rule.sample(self.pending_row, self.rng)
         self.committed.append(token)
         self.pending_row = None
         return token

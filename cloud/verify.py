@@ -15,7 +15,13 @@ The KV cache between passes (positions are absolute token indices):
                                     whole, it verifies the next block's first id with no extra pass.
 
 The rule that accepts and recovers is a strategy object: ExactRule here (the exact rejection
-step, and greedy), PaperRule in cloud/paper_variant.py (scalar q up, top-K p down).
+step, and greedy), PaperRule in cloud/paper_variant.py (scalar q up, top-K p down). Its math runs
+in numpy on the host or in torch on the logits' device (cloud/rule_impl.py); either way the rows
+stay where the target computed them and only token ids come back.
+
+Randomness, per session: a sampled pass over n drafted ids draws n + 1 uniforms from the session's
+RNG (u[j] tests drafted j, u[n] draws the recovered or bonus token); a token of the cloud's own
+(Prefilled, filled, cloud-only) draws one. Greedy draws none.
 """
 from __future__ import annotations
 
@@ -29,14 +35,8 @@ import torch
 from codec import VerdictKind
 from cloud.draft_queue import Block
 from cloud.errors import SessionError
-from sampling import (
-    Outcome,
-    SamplingParams,
-    sample_dense,
-    target_probs,
-    verify_block,
-    verify_block_greedy,
-)
+from cloud.rule_impl import IMPLS
+from sampling import Outcome, SamplingParams, verify_block_greedy
 
 if TYPE_CHECKING:
     from cloud.session import VerifySession
@@ -51,7 +51,7 @@ class PassResult:
     kind: VerdictKind
     keep_cache: int  # cache length after the pass: the committed ids it holds
     fed: int  # ids the forward pass took (its size: the edge learns the pass time per size)
-    pending_row: torch.Tensor | None  # [V] logits for position len(committed), when the cache holds it all
+    pending_row: torch.Tensor | None  # [V] logits (target's device) for position len(committed), when the cache holds it all
     top_ids: list[int] | None = None  # the target's top-K at the rejection (paper variant)
     top_probs: list[float] | None = None
     verify_s: float = 0.0  # the pass's seconds on the worker
@@ -68,25 +68,19 @@ class Rejection:
     top_probs: list[float] | None = None
 
 
-def sample_target(row: torch.Tensor, params: SamplingParams, rng: np.random.Generator) -> int:
-    """One token from the target's own distribution (argmax when greedy): a bonus, filled,
-    cloud-only or Prefilled token. row: [V] logits."""
-    if params.greedy:
-        return int(torch.argmax(row))
-    return sample_dense(target_probs(row.double().numpy(), params), rng)
-
-
 class ExactRule:
     """The exact variant: accept each drafted x with min(1, p(x) / q(x)) and recover from
     norm(max(0, p - q)), with q the draft's quantised distribution the edge sent (greedy: accept
-    while x is the target's argmax, recover the argmax). The output follows p exactly."""
+    while x is the target's argmax, recover the argmax). The output follows p exactly.
+    impl: "numpy" or "torch", where the math runs (cloud/rule_impl.py)."""
 
     name = "exact"
     allows_fill = True  # filled tokens are sampled from p: exact
     first_token_from_prefill = True  # Prefilled brings the answer's first token, sampled from p
 
-    def __init__(self, params: SamplingParams):
+    def __init__(self, params: SamplingParams, impl: str = "numpy"):
         self.params = params
+        self.impl = IMPLS[impl]
 
     def reset(self) -> None:
         """A new prompt: nothing carries over."""
@@ -98,13 +92,31 @@ class ExactRule:
         if not self.params.greedy and block.dists is None and block.drafted:
             raise SessionError("bad_message", "sampling drafts must carry their distributions")
 
-    def decide(self, block: Block, rows: list[torch.Tensor], rng: np.random.Generator) -> Outcome:
-        """rows: [k] target logits [V] at the positions of the k drafted ids."""
-        drafted = block.drafted
+    def sample(self, row: torch.Tensor, rng: np.random.Generator) -> int:
+        """One token from the target's own distribution (argmax when greedy): a bonus, filled,
+        cloud-only or Prefilled token. row: [V] logits on the target's device."""
         if self.params.greedy:
-            return verify_block_greedy(drafted, [int(torch.argmax(r)) for r in rows])
-        probs = [target_probs(r.double().numpy(), self.params) for r in rows]  # [k] float64[V]
-        return verify_block(drafted, block.dists[block.forced:], probs, rng)
+            return self.impl.argmax([row])[0]
+        return self.impl.sample(row, self.params, rng.random())
+
+    def decide(self, block: Block, rows: list[torch.Tensor], bonus: bool,
+               rng: np.random.Generator) -> tuple[Outcome, int | None]:
+        """rows: [n + 1] target logits [V]: row j scores drafted id j, row n the position after the
+        block. bonus: a block accepted whole earns a bonus token (from row n). Returns the outcome
+        (accepted, recovered) and the bonus token or None, as sampling.verify_block_u does."""
+        drafted = block.drafted
+        n = len(drafted)
+        if self.params.greedy:
+            best = self.impl.argmax(rows[:n + bonus])
+            outcome = verify_block_greedy(drafted, best[:n])
+            return outcome, (best[n] if bonus and outcome.recovered is None else None)
+        if not drafted and not bonus:
+            return Outcome(0, None), None
+        accepted, token = self.impl.exact(drafted, block.dists[block.forced:], rows, self.params,
+                                          rng.random(n + 1), bonus)
+        if accepted < n:
+            return Outcome(accepted, token), None
+        return Outcome(n, None), token
 
     def reject(self, outcome: Outcome, row: torch.Tensor) -> Rejection:
         """The verdict at the first rejected position (row: its target logits [V])."""
@@ -137,17 +149,20 @@ def pass_feed(session: VerifySession, block: Block) -> list[int]:
 
 def decide_pass(session: VerifySession, block: Block, rows: torch.Tensor) -> PassResult:
     """Steps 3-5, given rows: [len(feed), V] from step 2, one forward pass over pass_feed: row i
-    is the target's next-token logits after feed[i]."""
+    is the target's next-token logits after feed[i], on the target's device."""
     committed, rule = session.committed, session.rule
     n_unfed = len(rows) - len(block.ids)
 
-    # 3. the row that predicts drafted id j; before the feed, that is the kept pending row
+    # 3. the rows that score drafted ids 0..n-1 and the position after the block (row n); a row
+    # before the feed is the kept pending row
     first = n_unfed + block.forced - 1
     drafted = block.drafted
-    target_rows = [rows[first + j] if first + j >= 0 else session.pending_row for j in range(len(drafted))]
+    target_rows = [rows[first + j] if first + j >= 0 else session.pending_row for j in range(len(drafted) + 1)]
 
-    # 4. the accept / recover rule
-    outcome = rule.decide(block, target_rows, rng=session.rng) if drafted else Outcome(0, None)
+    # 4. the accept / recover rule; a bonus token if the block is accepted whole, the edge waits
+    # for one and the answer goes on
+    bonus = bool(block.wait) and session.budget_left > len(block.ids) and block.ids[-1] != session.eos_id
+    outcome, bonus_token = rule.decide(block, target_rows, bonus, rng=session.rng)
     n = outcome.accepted
     keep = len(committed) + block.forced + n  # committed ids the cache holds after the pass
 
@@ -156,10 +171,9 @@ def decide_pass(session: VerifySession, block: Block, rows: torch.Tensor) -> Pas
         r = rule.reject(outcome, target_rows[n])
         return PassResult(n, r.token, r.kind, keep, len(rows), r.pending_row, r.top_ids, r.top_probs)
 
-    # 5b. accepted whole: a bonus token if the edge waits for one and the answer goes on ...
-    if block.wait and session.budget_left > len(block.ids) and block.ids[-1] != session.eos_id:
-        bonus = sample_target(rows[-1], session.params, session.rng)
-        return PassResult(n, bonus, VerdictKind.BONUS, keep, len(rows), None)
+    # 5b. accepted whole: the bonus token ...
+    if bonus_token is not None:
+        return PassResult(n, bonus_token, VerdictKind.BONUS, keep, len(rows), None)
     # ... else the last row verifies the next block's first id
     return PassResult(n, None, VerdictKind.ACCEPTED, keep, len(rows), rows[-1])
 

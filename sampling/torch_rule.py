@@ -148,6 +148,18 @@ def inverse_cdf_rows(dist: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row from its sampling distribution p, by inverse CDF: what
+    sampling.core.inverse_cdf(target_probs(row, params), u) gives (argmax for a greedy row).
+
+    logits: [R, V] on their device; params: [R]; uniforms: float64 [R] in [0, 1).
+    Returns int64 [R] on the logits' device.
+    """
+    p = target_probs_rows(logits, params)
+    return inverse_cdf_rows(p, uniforms.to(device=p.device, dtype=torch.float64))
+
+
+@torch.no_grad()
 def verify_blocks(
     logits: torch.Tensor,
     drafted: torch.Tensor,
