@@ -33,8 +33,11 @@ def ref(target):
     return reference(target, PROMPT, 30)
 
 
-def start(target, max_new_tokens=20, params=GREEDY, variant="exact", fill=False, prompt=PROMPT):
-    s = VerifySession(TargetEngine(target), params, variant, paper_top_k=1)
+IMPLS = ["numpy", "torch"]  # where the rule runs (cloud/rule_impl.py): both must keep the invariants
+
+
+def start(target, max_new_tokens=20, params=GREEDY, variant="exact", fill=False, prompt=PROMPT, impl="numpy"):
+    s = VerifySession(TargetEngine(target), params, variant, paper_top_k=1, rule_impl=impl)
     rest = s.begin_prompt(prompt, max_new_tokens)
     token = s.end_prompt(prompt, max_new_tokens, s.engine.forward(rest)[-1], fill=fill)
     return s, token
@@ -48,16 +51,18 @@ def run_pass(s: VerifySession, ids, pos=None, forced=0, wait=False, q=None):
     return block, result, apply_pass(s, block, result)
 
 
-def test_the_prompt_commits_the_answers_first_token_from_the_prefill(target, ref):
-    s, token = start(target)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_the_prompt_commits_the_answers_first_token_from_the_prefill(target, ref, impl):
+    s, token = start(target, impl=impl)
     assert token == ref[0] and s.committed == PROMPT + ref[:1] and s.epoch == 1
     assert s.engine.cache_len == len(PROMPT) and s.pending_row is None  # the token is not fed yet
-    s0, none = start(target, max_new_tokens=0)
+    s0, none = start(target, max_new_tokens=0, impl=impl)
     assert none is None and s0.committed == PROMPT and s0.pending_row is not None
 
 
-def test_a_block_accepted_whole_keeps_its_last_row_and_the_next_block_needs_no_extra_pass(target, ref):
-    s, _ = start(target)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_block_accepted_whole_keeps_its_last_row_and_the_next_block_needs_no_extra_pass(target, ref, impl):
+    s, _ = start(target, impl=impl)
     block, r, epoch = run_pass(s, ref[1:4])
     assert (r.accepted, r.kind, r.token, r.fed, epoch) == (3, VerdictKind.ACCEPTED, None, 4, 1)
     assert s.committed == PROMPT + ref[:4] and s.engine.cache_len == len(s.committed)
@@ -66,8 +71,9 @@ def test_a_block_accepted_whole_keeps_its_last_row_and_the_next_block_needs_no_e
     assert r.accepted == 2 and r.fed == 2 and s.engine.forward_passes == passes + 1
 
 
-def test_a_rejection_recovers_the_targets_token_and_starts_a_new_epoch(target, ref):
-    s, _ = start(target)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_rejection_recovers_the_targets_token_and_starts_a_new_epoch(target, ref, impl):
+    s, _ = start(target, impl=impl)
     wrong = (ref[2] + 1) % VOCAB
     block, r, epoch = run_pass(s, [ref[1], wrong, 7])
     assert (r.accepted, r.kind, r.token) == (1, VerdictKind.RECOVERED, ref[2])
@@ -76,17 +82,19 @@ def test_a_rejection_recovers_the_targets_token_and_starts_a_new_epoch(target, r
     assert not s.add_draft(Block(1, len(s.committed), [1]))  # the old epoch's drafts are stale
 
 
-def test_a_waiting_edge_gets_a_bonus_token_within_the_budget_only(target, ref):
-    s, _ = start(target, max_new_tokens=5)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_waiting_edge_gets_a_bonus_token_within_the_budget_only(target, ref, impl):
+    s, _ = start(target, max_new_tokens=5, impl=impl)
     _, r, _ = run_pass(s, ref[1:3], wait=True)
     assert (r.kind, r.token) == (VerdictKind.BONUS, ref[3])
     _, r, _ = run_pass(s, ref[4:5], wait=True)  # the fifth token: the budget is spent
     assert r.kind == VerdictKind.ACCEPTED and s.generated == 5
 
 
-def test_paper_variant_sends_top_k_down_and_takes_the_recovered_token_as_the_forced_first_id(target):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_paper_variant_sends_top_k_down_and_takes_the_recovered_token_as_the_forced_first_id(target, impl):
     params = SamplingParams(temperature=1.0, seed=3)
-    s, _ = start(target, params=params, variant="paper")
+    s, _ = start(target, params=params, variant="paper", impl=impl)
     for _ in range(50):  # q(x) = 1 for a token p finds unlikely: rejected sooner or later
         row = s.pending_row
         if row is None:  # peek at p for the next position, then put the cache back
@@ -119,8 +127,9 @@ def test_queued_blocks_merge_up_to_max_block_and_a_long_one_is_verified_in_piece
     assert (tail.pos, tail.ids, tail.wait, tail.seq) == (18, [9, 10], True, 3) and q.entries == 0
 
 
-def test_filled_tokens_drop_matching_drafts_and_a_mismatch_makes_them_stale(target, ref):
-    s, _ = start(target, fill=True)
+@pytest.mark.parametrize("impl", IMPLS)
+def test_filled_tokens_drop_matching_drafts_and_a_mismatch_makes_them_stale(target, ref, impl):
+    s, _ = start(target, fill=True, impl=impl)
     assert s.wants_fill()
     for _ in range(2):  # the cloud fills two tokens while the edge drafts
         s.prepare_next_token()
@@ -129,7 +138,7 @@ def test_filled_tokens_drop_matching_drafts_and_a_mismatch_makes_them_stale(targ
     assert s.add_draft(Block(1, len(PROMPT) + 1, ref[1:5]))  # two ids filled already, two queued
     block = s.take_block(16)
     assert block.pos == len(PROMPT) + 3 and block.ids == ref[3:5] and not s.wants_fill()
-    s2, _ = start(target, fill=True)
+    s2, _ = start(target, fill=True, impl=impl)
     s2.prepare_next_token()
     s2.commit_fill()
     assert not s2.add_draft(Block(1, len(PROMPT) + 1, [(ref[1] + 1) % VOCAB]))
