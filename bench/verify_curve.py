@@ -31,9 +31,11 @@ QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, n
                   rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False)
 
 
-def random_target(seed: int = 0):
+def random_target(seed: int = 0, layers: int | None = None, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32):
     """A randomly initialised model of the default target's geometry (its cached config when one
-    exists, else Qwen2.5 1.5B's), float32 on the CPU."""
+    exists, else Qwen2.5 1.5B's), float32 on the CPU by default. layers: keep only the first N
+    decoder layers (a shallower model of the same width and vocabulary)."""
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
 
     config = None
@@ -50,9 +52,13 @@ def random_target(seed: int = 0):
         config = None
     if config is None:
         config = Qwen2Config(**QWEN25_15B)
+    if layers:
+        config.num_hidden_layers = layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = config.layer_types[:layers]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    return TargetEngine(model, None, "cpu")
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().to(device)
+    return TargetEngine(model, None, device)
 
 
 def real_target() -> TargetEngine:
