@@ -1,7 +1,7 @@
 """Milliseconds per row of the sampling math on a 151,936-token vocabulary: the implementation
 before the fast rows (kept as the reference in tests/test_sampling.py) against today's.
 
-    python -m bench.sampling_speed [--repeats 15] [--rows 4] [--torch]
+    python -m bench.sampling_speed [--repeats 15] [--rows 4] [--nucleus-rows 12] [--torch]
 
 --torch adds the cloud's batched rule (sampling.torch_rule.verify_blocks, CPU, float32 logits as
 the target gives them) for one block of 8 drafted tokens (9 rows) against the greedy argmax.
@@ -11,6 +11,12 @@ minimum because other jobs share the CPU: it is the least disturbed measurement)
   confident  a language-model-like row: Gaussian bulk (std 2.5) and a few tokens far above it;
   spread     the same with the head only a little above the bulk (nucleus of hundreds of tokens);
   flat       a plain Gaussian row (std 2.5): a nucleus of tens of thousands of tokens.
+
+A second table is the large-nucleus case on its own (top-p without top-k on spread and flat
+rows, temperatures and top_p that keep 10k-90k tokens), today's implementation only (the
+reference takes ~20 ms a row there): per row the minimum over `repeats` calls, then the median
+(p50) and the maximum over `nucleus-rows` rows. Every row is checked bit for bit against the
+reference first. --nucleus-rows 0 skips it.
 """
 from __future__ import annotations
 
@@ -35,6 +41,13 @@ SETTINGS = [
     SamplingParams(temperature=1.0, top_p=1.0, top_k=40),
     SamplingParams(temperature=1.0, top_p=1.0),
 ]
+NUCLEUS_SETTINGS = [
+    SamplingParams(temperature=0.8, top_p=0.95),
+    SamplingParams(temperature=1.0, top_p=0.9),
+    SamplingParams(temperature=1.0, top_p=0.95),
+    SamplingParams(temperature=1.0, top_p=0.99),
+    SamplingParams(temperature=1.5, top_p=0.95),
+]
 
 
 def make_row(shape: str, rng: np.random.Generator) -> np.ndarray:
@@ -46,21 +59,26 @@ def make_row(shape: str, rng: np.random.Generator) -> np.ndarray:
 
 
 def ms_per_row(fn, rows, params, repeats: int) -> float:
-    total = 0.0
-    for row in rows:
-        best = float("inf")
+    return float(np.mean(ms_each_row(fn, rows, params, repeats)))
+
+
+def ms_each_row(fn, rows, params, repeats: int) -> np.ndarray:
+    """Per row, the least of `repeats` timed calls, in ms."""
+    best = np.full(len(rows), np.inf)
+    for i, row in enumerate(rows):
         for _ in range(repeats):
             start = time.perf_counter()
             fn(row, params)
-            best = min(best, time.perf_counter() - start)
-        total += best
-    return 1e3 * total / len(rows)
+            best[i] = min(best[i], time.perf_counter() - start)
+    return 1e3 * best
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--nucleus-rows", type=int, default=12,
+                    help="rows per setting of the large-nucleus table (0 skips it)")
     ap.add_argument("--torch", action="store_true", help="also time the torch rule (needs torch)")
     args = ap.parse_args(argv)
     if args.torch:
@@ -79,7 +97,28 @@ def main(argv: list[str] | None = None) -> int:
                      (_reference_draft_dist, draft_dist, _reference_target_probs, target_probs)]
             print(f"{shape:10} {params.temperature:4.1f} {params.top_p:5.2f} {params.top_k:5d} "
                   f"{kept:6.0f} {cells[0]:14.2f} {cells[1]:6.2f} {cells[2]:16.2f} {cells[3]:6.2f}")
+    if args.nucleus_rows > 0:
+        large_nucleus_cost(args.nucleus_rows, args.repeats, rng)
     return 0
+
+
+def large_nucleus_cost(n_rows: int, repeats: int, rng: np.random.Generator) -> None:
+    print(f"\nlarge nucleus: top-p only, min of {repeats} calls per row, p50 / max over {n_rows} "
+          f"rows, ms/row")
+    print(f"{'row':10} {'T':>4} {'top_p':>5} {'kept p50':>8} {'max':>6} "
+          f"{'draft_dist p50':>14} {'max':>6} {'target_probs p50':>16} {'max':>6}")
+    for shape in ("spread", "flat"):
+        rows = [make_row(shape, rng) for _ in range(n_rows)]
+        for params in NUCLEUS_SETTINGS:
+            for row in rows:
+                assert draft_dist(row, params) == _reference_draft_dist(row, params)
+                assert np.array_equal(target_probs(row, params), _reference_target_probs(row, params))
+            kept = [np.count_nonzero(target_probs(r, params)) for r in rows]
+            q = ms_each_row(draft_dist, rows, params, repeats)
+            p = ms_each_row(target_probs, rows, params, repeats)
+            print(f"{shape:10} {params.temperature:4.1f} {params.top_p:5.2f} {np.median(kept):8.0f} "
+                  f"{max(kept):6d} {np.median(q):14.2f} {q.max():6.2f} {np.median(p):16.2f} "
+                  f"{p.max():6.2f}")
 
 
 def torch_rule_cost(repeats: int) -> None:

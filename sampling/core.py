@@ -124,64 +124,113 @@ def truncate_probs(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.
 
 
 def _truncate_sparse(probs: np.ndarray, top_k: int, top_p: float) -> tuple[np.ndarray, np.ndarray]:
-    """The kept token ids (by descending probability, ties by ascending id) and their
-    renormalised probabilities: `truncate_probs` without the dense output."""
-    order = _descending(probs, top_k, top_p)
+    """The kept token ids, ascending, and their renormalised probabilities: `truncate_probs`
+    without the dense output.
+
+    The definition is the textbook chain on `order`, a stable sort of -probs: keep order[:top_k];
+    then keep each token whose running mass before it, np.cumsum(kept_p) - kept_p, is below
+    top_p * total; divide by kept_p.sum(). Both sums see the values in descending order, where
+    equal values are interchangeable, so the sorted values alone give the same numbers
+    (np.sort: 4x cheaper than np.argsort, 15x cheaper than a stable one). The kept tokens are a
+    prefix of `order` (the mass before a token never decreases: fl is monotone, so
+    fl(fl(C + b) - b) >= fl(C - a) for a >= b >= 0), i.e. the n largest values, ties at the n-th
+    value v going to the lowest ids: every id above v and the lowest ids at v, found in
+    ascending id order without sorting ids at all.
+    """
+    head, values, n, v, norm = _kept_head(probs, top_k, top_p)
+    pick = values > v
+    tied = np.flatnonzero(values == v)
+    pick[tied[: n - np.count_nonzero(pick)]] = True
+    at = np.flatnonzero(pick)  # then gather: 8x cheaper than indexing by the boolean mask
+    kept_p = values[at]
+    kept_p /= norm
+    return head[at], kept_p
+
+
+def _kept_head(
+    probs: np.ndarray, top_k: int, top_p: float
+) -> tuple[np.ndarray, np.ndarray, int, float, float]:
+    """(head, values, n, v, norm): ascending ids of a head of the vocabulary that holds every
+    kept token (and every token tied with its smallest value), their probabilities, how many
+    tokens are kept, the n-th largest value and the sum of the n largest in descending order.
+    The sorted copies are dropped on return, before the caller allocates the result."""
     if top_k > 0:
-        order = order[:top_k]
-    kept_p = probs[order]
-    if top_p < 1.0:
-        mass_before = np.cumsum(kept_p) - kept_p
-        # mass is measured within the top-k set, as the usual sampler chain does (without top-k,
-        # `order` may be only the head of the vocabulary: measure against the whole)
-        total = kept_p.sum() if top_k > 0 else probs.sum()
-        keep = mass_before < top_p * total
-        keep[0] = True
-        order = order[keep]
-        kept_p = kept_p[keep]
-    return order, kept_p / kept_p.sum()
+        whole = 4 * max(top_k, _CANDIDATES) >= len(probs)
+        head = np.arange(len(probs)) if whole else _head(probs, top_k)
+        values = probs if whole else probs[head]
+        desc = _sorted_descending(values)[:top_k]
+        n = len(desc)
+        if top_p < 1.0:
+            # mass is measured within the top-k set, as the usual sampler chain does
+            n = _kept_count(np.cumsum(desc), desc, top_p * desc.sum())
+    else:
+        total = probs.sum()
+        head, values, desc, running = _nucleus_head(probs, total, top_p * total)
+        n = _kept_count(running, desc, top_p * total)
+    return head, values, n, desc[n - 1], desc[:n].sum()
+
+
+def _kept_count(running: np.ndarray, desc: np.ndarray, mass: float) -> int:
+    """How many of the descending values `desc` top-p keeps: those whose running mass before
+    them (running: np.cumsum(desc), overwritten) is below `mass`, and at least one."""
+    mass_before = np.subtract(running, desc, out=running)
+    return max(1, int(np.searchsorted(mass_before, mass)))  # non-decreasing (see above)
+
+
+def _sorted_descending(values: np.ndarray) -> np.ndarray:
+    """A new contiguous float64 array of values sorted descending (probabilities: no -0.0)."""
+    desc = np.negative(values)
+    desc.sort()
+    return np.negative(desc, out=desc)
 
 
 _CANDIDATES = 1024
 # A head whose running mass exceeds top_p * total by this much decides the top-p cut for every
-# token after it (see _descending); far above the few ulps (~1e-16) that rounding can move it.
+# token after it (see _nucleus_head); far above the few ulps (~1e-16) rounding can move it.
 _HEAD_MARGIN = 1e-12
+# Shares of the tail mass that top-p drops (total - mass) that a head is sized to leave out,
+# from the guess on every 64th value; the whole vocabulary is the last resort.
+_TAIL_SHARES = (0.75, 0.25)
 
 
-def _descending(probs: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
-    """Token ids by descending probability, ties by ascending id: all of them, or a head long
-    enough for the truncation asked for.
+def _nucleus_head(
+    probs: np.ndarray, total: float, mass: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(head, values, desc, running): ascending ids of every token at or above a threshold,
+    their probabilities, those sorted descending and np.cumsum of that, with the head long
+    enough to decide top-p at `mass` = top_p * total (total: probs.sum()).
 
-    Sorting a 152k vocabulary takes ~10-20 ms; the head that top-k / top-p keep is almost always
-    in the 1024 most likely tokens, so only those are sorted (every token tied with the smallest
-    of them is included, so the result does not depend on how a partial sort breaks ties).
+    The head's sorted values are a prefix of the whole vocabulary's (every token tied with its
+    smallest value is in it), and np.cumsum is sequential, so every token inside gets the
+    running mass a full sort gives it. Once the head's running mass C reaches
+    mass + _HEAD_MARGIN, every later token j has running mass before it
+    fl(C_j - p_j) >= C - 2 ulp(2) > mass (C_j only grows, C_j < 2): dropped, as a full sort
+    drops it. So any threshold whose head reaches that mass gives the same truncation.
 
-    A flat distribution whose 1024-head holds less than top_p of the mass once sorted the whole
-    vocabulary. A longer head gives the same truncation, which is all callers use: the head is a
-    prefix of the full order, `np.cumsum` is sequential, so every token inside it gets the same
-    running mass and the same keep / drop decision; and once the head's running mass C reaches
-    top_p * total + _HEAD_MARGIN, every later token j has running mass before it
-    fl(C_j - p_j) >= C - 2 ulp(2) > top_p * total (C_j only grows, C_j < 2), so it is dropped,
-    as the full sort drops it. The head grows 4x at a time; the full sort remains the last resort.
+    The threshold is guessed from every 64th value (x 64 they estimate the mass below each
+    value) so that the head leaves out 3/4 of the tail that top-p drops: a nucleus of 30k tokens
+    costs one pass over the vocabulary and a sort of ~35k values (a full sort costs 1.5 ms, the
+    stable argsort the definition names 17 ms). Never fewer than ~1024 tokens (cheap to sort,
+    and the usual nucleus fits). A guess that falls short (~1 row in 500) costs another pass.
     """
-    need = top_k if top_k > 0 else _CANDIDATES
-    if len(probs) <= 4 * max(need, _CANDIDATES):
-        return _by_descending(probs, np.arange(len(probs)))
-    head = _head(probs, need)
-    if top_k > 0 or not probs[head].sum() < top_p * probs.sum():
-        return _by_descending(probs, head)
-    cut = top_p * probs.sum() + _HEAD_MARGIN
-    while need * 4 < len(probs):
-        need *= 4
-        head = _head(probs, need)
-        # any summation order is within len * 2^-52 of the sorted running sum (all terms <= 1,
-        # their sum ~1): skip sorting a head that provably falls short
-        if probs[head].sum() + len(head) * 2.0**-51 < cut:
-            continue
-        order = _by_descending(probs, head)
-        if np.cumsum(probs[order])[-1] >= cut:
-            return order
-    return _by_descending(probs, np.arange(len(probs)))  # nearly uniform: the head is not enough
+    cut = mass + _HEAD_MARGIN
+    if len(probs) > 4 * _CANDIDATES:
+        sample = np.sort(probs[::64])
+        below = np.cumsum(sample) * 64.0
+        for share in _TAIL_SHARES:
+            at = int(np.searchsorted(below, share * (total - cut)))
+            head = np.flatnonzero(probs >= sample[min(at, len(sample) - 16)])
+            values = probs[head]
+            # any summation order is within len * 2^-52 of the sorted running sum (all terms
+            # <= 1, their sum ~1): skip sorting a head that provably falls short
+            if values.sum() + len(head) * 2.0**-51 < cut:
+                continue
+            desc = _sorted_descending(values)
+            running = np.cumsum(desc)
+            if running[-1] >= cut:
+                return head, values, desc, running
+    desc = _sorted_descending(probs)
+    return np.arange(len(probs)), probs, desc, np.cumsum(desc)
 
 
 def _head(probs: np.ndarray, need: int) -> np.ndarray:
@@ -206,20 +255,6 @@ def _head(probs: np.ndarray, need: int) -> np.ndarray:
     return np.flatnonzero(probs >= threshold)
 
 
-def _by_descending(probs: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """ids (ascending) ordered by (-probs, id): the order of a stable sort of -probs, built from
-    a fast unstable sort (4x cheaper than numpy's stable one on float64) and a fix-up that puts
-    each run of tied values back in id order through one sort of unique integer keys."""
-    values = probs[ids]
-    order = np.argsort(-values)
-    ranked = values[order]
-    tied = ranked[1:] == ranked[:-1]
-    if tied.any():
-        level = np.concatenate(([0], np.cumsum(~tied)))  # equal values share a level
-        order = np.sort(level * len(ids) + order) % len(ids)
-    return ids[order]
-
-
 def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The sampling distribution p for one position. logits: [V]. Returns float64[V].
 
@@ -229,7 +264,15 @@ def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         p = np.zeros(len(logits), dtype=np.float64)
         p[int(np.argmax(logits))] = 1.0
         return p
-    return truncate_probs(softmax(logits, params.temperature), params.top_k, params.top_p)
+    probs = softmax(logits, params.temperature)
+    if params.top_k <= 0 and params.top_p >= 1.0:
+        return probs
+    ids, kept_p = _truncate_sparse(probs, params.top_k, params.top_p)
+    # truncate_probs, written into the softmax's own buffer: a second fresh 1.2 MB array costs
+    # more in page faults than all the arithmetic when the allocator has given memory back
+    probs.fill(0.0)
+    probs[ids] = kept_p
+    return probs
 
 
 def draft_dist(
@@ -254,10 +297,7 @@ def draft_dist(
         kept_p = probs[ids]
     else:
         ids, kept_p = _truncate_sparse(probs, params.top_k, params.top_p)
-        # argmax of the dense p: the lowest id among the largest values
-        top = int(ids[kept_p == kept_p.max()].min())
-        ascending = np.argsort(ids)
-        ids, kept_p = ids[ascending], kept_p[ascending]
+        top = int(ids[np.argmax(kept_p)])  # argmax of the dense p: ids ascend, the lowest wins
     weights = np.rint(kept_p * resolution).astype(np.int64)
     at = int(np.searchsorted(ids, top))
     if at < len(ids) and ids[at] == top:

@@ -917,6 +917,75 @@ def test_flat_rows_take_the_long_head_and_still_equal_a_full_sort():
             assert_rows_match(logits, SamplingParams(temperature=1.0, top_p=top_p))
 
 
+def large_nucleus_row(rng: np.random.Generator, kind: str) -> np.ndarray:
+    """A row whose top-p nucleus is thousands to ~100k tokens: a flat Gaussian bulk, a spread
+    head a little above it, or coarse / half-precision values (exact ties everywhere, the cut
+    value included)."""
+    x = rng.normal(size=BIG_V) * rng.uniform(1.0, 3.0)
+    if kind == "spread":
+        top = rng.choice(BIG_V, size=20, replace=False)
+        x[top] += 7.0 * rng.random(20)
+    elif kind == "coarse":
+        x = np.round(x * 4) / 4
+    elif kind == "half":
+        x = x.astype(np.float16)
+    return x.astype(np.float32) if kind != "half" else x
+
+
+@pytest.mark.parametrize("kind", ["flat", "spread", "coarse", "half"])
+def test_large_nucleus_rows_equal_the_reference(kind):
+    """Nuclei of 5k-100k tokens (the thresholded head, not the 1024-token one) across
+    temperatures and top-k / top-p, ties included: bit for bit the reference's p and q."""
+    rng = np.random.default_rng(["flat", "spread", "coarse", "half"].index(kind) + 30)
+    settings_ = [(t, k, p) for t in (0.6, 1.0, 1.4) for k, p in
+                 [(0, 0.8), (0, 0.95), (0, 0.99), (5000, 0.95), (60_000, 0.9), (20_000, 1.0)]]
+    for i in range(4):
+        logits = large_nucleus_row(rng, kind)
+        for temperature, top_k, top_p in settings_[i::2]:
+            assert_rows_match(logits, SamplingParams(temperature, top_p, top_k))
+
+
+def test_any_head_threshold_gives_the_same_truncation(monkeypatch):
+    """The head's size is only a guess: far too short (retried, then the whole vocabulary),
+    ending just short of or just past the nucleus, or far too long, the kept tokens and their
+    probabilities are the reference's."""
+    rng = np.random.default_rng(31)
+    tries = [(), (8.0,), (0.999, 0.0), (0.02,)] + [(s,) for s in np.linspace(0.9, 1.1, 41)]
+    for kind, (temperature, top_p) in zip(["flat", "coarse", "spread"],
+                                          [(1.0, 0.95), (0.8, 0.9), (1.2, 0.99)]):
+        logits = large_nucleus_row(rng, kind)
+        params = SamplingParams(temperature, top_p)
+        want_p, want_q = _reference_target_probs(logits, params), _reference_draft_dist(logits, params)
+        for shares in tries:
+            monkeypatch.setattr(core, "_TAIL_SHARES", shares)
+            assert np.array_equal(target_probs(logits, params), want_p), shares
+            assert draft_dist(logits, params) == want_q, shares
+
+
+def test_top_p_drops_a_token_whose_mass_before_it_is_exactly_top_p():
+    """Exactly representable probabilities (1/2, 1/4, ... and zeros) on a 152k vocabulary: the
+    running mass lands on top_p itself, and the token there is dropped (mass before < top_p)."""
+    ladder = [2.0**-j for j in range(1, 12)] + [2.0**-11]
+    probs = np.r_[ladder, np.zeros(BIG_V - len(ladder))]
+    for top_p, kept_n in [(0.5, 1), (0.75, 2), (0.875, 3), (1 - 2.0**-11, 11), (0.8, 3)]:
+        got = truncate_probs(probs, 0, top_p)
+        assert np.count_nonzero(got) == kept_n, top_p
+        assert np.array_equal(got, _reference_truncate_probs(probs, 0, top_p)), top_p
+        for top_k in (2, 3, 12, 5000):
+            want = _reference_truncate_probs(probs, top_k, top_p)
+            assert np.array_equal(truncate_probs(probs, top_k, top_p), want), (top_k, top_p)
+
+
+def test_a_strided_guess_that_misjudges_the_tail_still_equals_the_reference():
+    """Every 64th token (the ones the head's size is guessed from) far above or below the rest."""
+    rng = np.random.default_rng(32)
+    for shift in (-30.0, -3.0, 3.0, 30.0):
+        logits = rng.normal(size=BIG_V) * 2.0
+        logits[::64] += shift
+        for top_p in (0.5, 0.9, 0.99):
+            assert_rows_match(logits, SamplingParams(1.0, top_p))
+
+
 @settings(max_examples=300, deadline=None)
 @given(
     logits=st.lists(st.sampled_from([-3.0, -1.0, 0.0, 0.0, 0.5, 1.0, 1.0, 2.0, 8.0]), min_size=1,
