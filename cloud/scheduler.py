@@ -167,6 +167,12 @@ class Scheduler:
         self._wake.set()
         return await work.future
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the worker thread, between ticks: a session's own token is sampled there, so
+        that a device sync (reading a token off a GPU row) waits for the device on the worker, never
+        on the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
+
     def pull(self) -> list[Work]:
         """The items of the next tick: the oldest live one, then (batching) every other live one
         that fits in max_tokens, in age order, with at most max_prefill prompt chunks (a prompt's

@@ -5,8 +5,9 @@
                meanwhile -> one Verdict per pass
   Generate  -> cloud-only decoding, one token per pass -> Tokens
   (nothing) -> bubble filling, when the session's fill strategy wants a token -> Tokens
-Only this loop touches its session, so no session state needs a lock; the forward passes run on
-the scheduler's worker.
+Only this loop touches its session, so no session state needs a lock; the forward passes, and the
+sampling of the session's own tokens (a read off the target's device), run on the scheduler's
+worker while this loop awaits them.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ class WorkLoop:
         for start in range(0, len(rest), chunk):
             last = await self.scheduler.submit(Work("prefill", session, rest[start:start + chunk],
                                                     lambda rows: rows[-1]))
-        token = session.end_prompt(op.ids, op.max_new_tokens, last, fill=op.fill and self.may_fill())
+        fill = op.fill and self.may_fill()
+        token = await self.scheduler.call(lambda: session.end_prompt(op.ids, op.max_new_tokens, last, fill=fill))
         seconds = time.perf_counter() - t0
         self.metrics.observe("picospec_prefill_seconds", seconds)
         self.metrics.inc("picospec_prefill_tokens_total", len(rest))
@@ -129,7 +131,7 @@ class WorkLoop:
         await self.prepare_next_token("fill")
         if self.conn.ops or not session.wants_fill():
             return
-        token = session.commit_fill()
+        token = await self.scheduler.call(session.commit_fill)
         self.metrics.inc("picospec_filled_tokens_total")
         await send(self.conn, codec.Tokens(pos=len(session.committed) - 1, ids=[token], done=False,
                                            epoch=session.epoch), self.metrics)
@@ -142,7 +144,7 @@ class WorkLoop:
         limit = session.generate_limit(max_new_tokens)
         for i in range(limit):
             await self.prepare_next_token("decode")
-            token = session.commit_next_token()
+            token = await self.scheduler.call(session.commit_next_token)
             self.metrics.inc("picospec_generated_tokens_total")
             done = token == session.eos_id or i == limit - 1
             await send(self.conn, codec.Tokens(pos=len(session.committed) - 1, ids=[token], done=done,
