@@ -63,16 +63,17 @@ from pathlib import Path
 import torch
 
 from bench.pass_cost import start_session, synchronize
-from bench.verify_curve import QWEN25_15B, load_average
+from bench.verify_curve import QWEN25_15B, load_average, random_target
 from cloud.draft_queue import Block
 from cloud.engine import DTYPES, TargetEngine, auto_dtype
 from cloud.rule_impl import resolve_rule
 from cloud.scheduler import Scheduler, Work, batchable
+from cloud.server import ServerConfig
 from cloud.session import VerifySession
 from cloud.verify import apply_pass, decide_pass, pass_feed
 from sampling import SamplingParams
 
-SERVER_TOKENS_PER_TICK = 256  # cloud/server.ServerConfig.batch_max_tokens (a test keeps them equal)
+SERVER_TOKENS_PER_TICK = ServerConfig.batch_max_tokens  # the server's fed-id budget per tick
 
 # Qwen2 geometries; timings do not depend on the weights' values
 PRESETS = {
@@ -84,27 +85,6 @@ PRESETS = {
            "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 32768,
            "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False},
 }
-
-
-def build_target(preset: str, layers: int | None, device: str, dtype: str) -> TargetEngine:
-    """A randomly initialised Qwen2 of the preset's geometry, built directly on `device`."""
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    config = Qwen2Config(**PRESETS[preset])
-    if layers:
-        config.num_hidden_layers = layers
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[:layers]
-    torch.manual_seed(0)
-    with torch.device(device):  # 7B: initialise on the GPU, not 15 GB on the host first
-        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).eval()
-    model.to(device)
-    kernels = "stock torch linears"
-    if device == "cpu" and dtype == "float32":  # as TargetEngine.load: the server's CPU kernel
-        from cloud.kernels import accelerate_linears
-
-        kernels = accelerate_linears(model, enabled=None)
-    return TargetEngine(model, None, device, kernels=kernels)
 
 
 def open_sessions(engine: TargetEngine, count: int, context: int, seed: int = 0) -> list[VerifySession]:
@@ -203,7 +183,7 @@ def sweep(args) -> dict:
     device = args.device
     dtype = args.dtype if args.dtype != "auto" else auto_dtype(device)
     t0 = time.perf_counter()
-    engine = build_target(args.preset, args.layers, device, dtype)
+    engine = random_target(0, args.layers, device, DTYPES[dtype], config=PRESETS[args.preset], fast_linear=None)
     layers = engine.model.config.num_hidden_layers
     counts = sorted({int(n) for n in args.sessions.split(",")})
     sessions = open_sessions(engine, max(counts), args.context)

@@ -106,7 +106,7 @@ def busy_machine_note(machine: dict) -> str | None:
 def run(args) -> int:
     from bench import report
     from bench.prompt_sets import PromptError, load_prompts
-    from bench.runner import BenchConfig, run_benchmark
+    from bench.runner import LINK_MODES, BenchConfig, run_benchmark
     from edge_app.energy import figures_from_args
 
     try:
@@ -120,7 +120,7 @@ def run(args) -> int:
                       loss=args.loss, draft=args.draft, target=args.target, token=args.token, dtype=args.dtype,
                       threads=args.threads, pin=not args.no_pin, cloud=args.cloud,
                       figures=figures)
-    link_runs = len([m for m in args.modes if m in ("cloud", "sync", "pipeline", "auto", "branch")]) * len(args.rtt_ms)
+    link_runs = len([m for m in args.modes if m in LINK_MODES]) * len(args.rtt_ms)
     total = len(prompts) * (link_runs + ("edge" in args.modes) + ("hf-assisted" in args.modes))
     machine = machine_info()
     step, close = _progress_bar(total)

@@ -35,6 +35,8 @@ from urllib.parse import urlparse
 import aiohttp
 import numpy as np
 
+from sampling import common_prefix_len
+
 MAX_SESSIONS = 64
 SWEEP = (1, 4, 16, 64)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -188,10 +190,7 @@ async def idle_phase(url: str, fp: dict, prompts: list[list[int]], expected: lis
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """The first position where two answers differ (one ending early counts), None if equal."""
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            return i
-    return None if len(a) == len(b) else min(len(a), len(b))
+    return None if a == b else common_prefix_len(a, b)
 
 
 def histogram_mean(before: dict, after: dict, name: str) -> float | None:

@@ -92,14 +92,11 @@ def measure(args) -> dict:
     device = args.device
     dtype = args.dtype if args.dtype != "auto" else auto_dtype(device)
     t0 = time.perf_counter()
-    engine = random_target(seed=0, layers=args.layers, device=device, dtype=DTYPES[dtype])
+    # as TargetEngine.load: the server's CPU kernel
+    engine = random_target(seed=0, layers=args.layers, device=device, dtype=DTYPES[dtype], fast_linear=None)
     with torch.no_grad():
         engine.model.lm_head.weight.mul_(args.logit_scale)
-    kernels = "stock torch linears"
-    if device == "cpu" and dtype == "float32":  # as TargetEngine.load: the server's CPU kernel
-        from cloud.kernels import accelerate_linears
-
-        kernels = accelerate_linears(engine.model, enabled=None)
+    kernels = engine.kernels
     layers = engine.model.config.num_hidden_layers
     print(f"target: random init, {layers} layers, vocab {engine.vocab_size}, {device} {dtype}, {kernels}; "
           f"built in {time.perf_counter() - t0:.1f} s; {torch.get_num_threads()} thread(s), "

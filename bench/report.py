@@ -258,7 +258,7 @@ def category_rows(records: list[dict], rtts: list[float], modes: list[str]) -> l
                 out.append({"category": cat, "mode": mode, "rtt_ms": rtt, "prompts": len(run),
                             "tokens_per_s": _ratio(p["new_tokens"], p["wall_s"]),
                             "tokens_per_pass": tokens_per_pass(p),
-        "branch_hit_rate": _ratio(p["branch_hits"], p["branches"]) if p["branches"] else None,
+                            "branch_hit_rate": _ratio(p["branch_hits"], p["branches"]) if p["branches"] else None,
                             "speedup_vs_cloud_per_prompt": mean_of_ratios(run, ref) if mode != "cloud" else 1.0})
     return out
 

@@ -31,14 +31,11 @@ QWEN25_15B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, n
                   rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False)
 
 
-def random_target(seed: int = 0, layers: int | None = None, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32):
-    """A randomly initialised model of the default target's geometry (its cached config when one
-    exists, else Qwen2.5 1.5B's), float32 on the CPU by default. layers: keep only the first N
-    decoder layers (a shallower model of the same width and vocabulary)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config
+def default_target_config():
+    """The default target's transformers config: its cached copy's when one exists, else Qwen2.5
+    1.5B's geometry."""
+    from transformers import AutoConfig, Qwen2Config
 
-    config = None
     try:
         from models.resolve import resolve_target
         from models.target_cache import STORE_DTYPE, cached_copy_dir, is_complete, source_sha256
@@ -47,18 +44,33 @@ def random_target(seed: int = 0, layers: int | None = None, device: str = "cpu",
         if spec.sha256:
             copy = cached_copy_dir(source_sha256(spec), STORE_DTYPE)
             if is_complete(copy):
-                config = AutoConfig.from_pretrained(str(copy))
+                return AutoConfig.from_pretrained(str(copy))
     except Exception:
-        config = None
+        pass
+    return Qwen2Config(**QWEN25_15B)
+
+
+def random_target(seed: int = 0, layers: int | None = None, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, config=None, fast_linear: bool | None = False):
+    """A randomly initialised model of a geometry (`config`: a transformers config or a Qwen2
+    config's keyword dict; default the default target's), float32 on the CPU by default, built
+    directly on `device` (a 7B model never sits in host memory first). layers: keep only the
+    first N decoder layers (a shallower model of the same width and vocabulary). fast_linear: as
+    TargetEngine.from_model (False here: stock linears; None: the server's CPU kernel)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
     if config is None:
-        config = Qwen2Config(**QWEN25_15B)
+        config = default_target_config()
+    elif isinstance(config, dict):
+        config = Qwen2Config(**config)
     if layers:
         config.num_hidden_layers = layers
         if getattr(config, "layer_types", None):
             config.layer_types = config.layer_types[:layers]
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval().to(device)
-    return TargetEngine(model, None, device)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    return TargetEngine.from_model(model.to(device), None, device, fast_linear=fast_linear)
 
 
 def real_target() -> TargetEngine:

@@ -81,10 +81,9 @@ def cache_lengths(cache) -> list[int]:
 
 def restore_cache(cache, lengths: list[int]) -> None:
     """Crop every layer back to the length it had (after a pass that failed part way)."""
-    for layer, n in zip(cache.layers, lengths):
-        extra = (layer.get_seq_length() if getattr(layer, "is_initialized", False) else 0) - n
-        if extra > 0:
-            layer.crop(-extra)
+    for layer, now, n in zip(cache.layers, cache_lengths(cache), lengths):
+        if now > n:
+            layer.crop(n - now)
 
 
 def causal_mask(past: int, rows: int, device) -> torch.Tensor | None:

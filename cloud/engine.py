@@ -109,8 +109,6 @@ class TargetEngine:
     def __init__(self, model, tokenizer=None, device: str = "cpu", model_lock: threading.Lock | None = None,
                  kernels: str = "stock torch linears"):
         self.model = model.eval()
-        if device == "cpu":
-            tune_cpu_runtime()
         self.kernels = kernels  # what the linear layers run (accelerate_linears' description)
         self.tokenizer = tokenizer
         self.device = device
@@ -129,11 +127,19 @@ class TargetEngine:
             torch.set_num_threads(config.threads)
         device = config.resolved_device()
         model, tokenizer = load_target(spec, dtype=config.resolved_dtype(), device=device)
+        return cls.from_model(model, tokenizer, device, fast_linear=config.fast_linear)
+
+    @classmethod
+    def from_model(cls, model, tokenizer=None, device: str = "cpu", fast_linear: bool | None = None) -> "TargetEngine":
+        """An engine over loaded weights as the server runs them: on the CPU, the row-streaming
+        linear kernel (cloud/kernels.py; fast_linear None follows PICOSPEC_FAST_LINEAR, and it is a
+        no-op for a non-float32 model) and the process-wide runtime settings (tune_cpu_runtime)."""
         kernels = "stock torch linears"
         if device == "cpu":
             from cloud.kernels import accelerate_linears
 
-            kernels = accelerate_linears(model, enabled=config.fast_linear)
+            kernels = accelerate_linears(model, enabled=fast_linear)
+            tune_cpu_runtime()
         return cls(model, tokenizer, device, kernels=kernels)
 
     def fork(self) -> "TargetEngine":

@@ -25,7 +25,7 @@ class Metrics:
         self._obs: dict[str, collections.deque] = {}
         self._sums: dict[str, tuple[int, float]] = {}
         self._window = window
-        self._hists: dict[str, tuple[tuple[float, ...], list[int], list[float]]] = {}  # bounds, counts, [n, sum]
+        self._hists: dict[str, tuple[tuple[float, ...], list[int]]] = {}  # bounds, count per bucket
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         with self._lock:
@@ -46,18 +46,15 @@ class Metrics:
         and observe it in the summary of the same name."""
         self.observe(name, value)
         with self._lock:
-            bounds_, counts, total = self._hists.setdefault(name, (tuple(bounds), [0] * (len(bounds) + 1), [0, 0.0]))
-            i = next((j for j, b in enumerate(bounds_) if value <= b), len(bounds_))
-            counts[i] += 1
-            total[0] += 1
-            total[1] += value
+            bounds_, counts = self._hists.setdefault(name, (tuple(bounds), [0] * (len(bounds) + 1)))
+            counts[next((j for j, b in enumerate(bounds_) if value <= b), len(bounds_))] += 1
 
     def histogram_counts(self, name: str) -> dict[str, int]:
         """{upper bound as text: count of observations in that bucket alone} ("+Inf" last)."""
         with self._lock:
             if name not in self._hists:
                 return {}
-            bounds, counts, _ = self._hists[name]
+            bounds, counts = self._hists[name]
             return {**{f"{b:g}": c for b, c in zip(bounds, counts)}, "+Inf": counts[-1]}
 
     def quantiles(self, name: str) -> dict[float, float]:
@@ -73,7 +70,7 @@ class Metrics:
             counters = dict(self._counters)
             gauges = dict(self._gauges)
             sums = dict(self._sums)
-            hists = {n: (b, list(c), list(t)) for n, (b, c, t) in self._hists.items()}
+            hists = {n: (b, list(c)) for n, (b, c) in self._hists.items()}
         for name in sorted({n for n, _ in counters}):
             lines.append(f"# TYPE {name} counter")
             for (n, labels), value in sorted(counters.items()):
@@ -86,7 +83,7 @@ class Metrics:
             for q, v in self.quantiles(name).items():
                 lines.append(f'{name}{{quantile="{q}"}} {v:.6f}')
             lines += [f"{name}_count {count}", f"{name}_sum {total:.6f}"]
-        for name, (bounds, counts, _) in sorted(hists.items()):
+        for name, (bounds, counts) in sorted(hists.items()):
             lines.append(f"# TYPE {name}_bucket counter")
             running = 0
             for b, c in zip(list(bounds) + ["+Inf"], counts):

@@ -16,7 +16,7 @@ from codec import VerdictKind
 from cloud.draft_queue import Block
 from cloud.errors import SessionError
 from cloud.verify import ExactRule, Rejection
-from sampling import Outcome, SamplingParams
+from sampling import Outcome, SamplingParams, accepts
 
 
 class PaperRule(ExactRule):
@@ -56,9 +56,7 @@ class PaperRule(ExactRule):
         uniforms = rng.random(n + 1)
         q = block.q_scalar[block.forced:]
         for j, (x, q_x, p_x) in enumerate(zip(drafted, q, self.impl.token_probs(rows[:n], drafted, self.params))):
-            if not q_x > 0.0:
-                raise ValueError(f"drafted token {x} has q = {q_x}: it cannot have been sampled")
-            if not (p_x >= q_x or uniforms[j] * q_x < p_x):
+            if not accepts(x, q_x, p_x, uniforms[j]):
                 return Outcome(j, None), None
         return Outcome(n, None), (self.impl.sample(rows[n], self.params, uniforms[n]) if bonus else None)
 

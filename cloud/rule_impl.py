@@ -25,7 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from sampling import SamplingParams, SparseDist, inverse_cdf, target_probs, top_k_sparse, verify_block_u
+from sampling import SamplingParams, SparseDist, inverse_cdf, prob_of, target_probs, top_k_sparse, verify_block_u
 from sampling.torch_rule import pack_sparse, sample_rows, target_probs_rows, verify_blocks
 
 RULE_CHOICES = ("auto", "numpy", "torch")
@@ -89,8 +89,7 @@ class NumpyImpl:
                     params: SamplingParams) -> Iterable[float]:
         """p(tokens[j]) at rows[j], row by row as they are read (the paper variant)."""
         for row, x in zip(rows, tokens):
-            p = target_probs(host_row(row), params)
-            yield float(p[x]) if 0 <= x < len(p) else 0.0
+            yield prob_of(target_probs(host_row(row), params), x)
 
     def top_k(self, row: torch.Tensor, params: SamplingParams, k: int) -> tuple[list[int], list[float]]:
         """The K most likely ids of the row's p, ascending, and their probabilities (the paper

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
-import inspect
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -63,23 +61,10 @@ class Work:
         """Worker thread: the forward pass, then finish. Only a verify pass needs every row; the
         others ask the engine for the last one, where it can give just that."""
         self.started = time.perf_counter()
-        engine = self.session.engine
-        if self.kind != "verify" and _takes_last_only(type(engine)):
-            rows = engine.forward(self.feed, last_only=True)  # [1, V]
-        else:
-            rows = engine.forward(self.feed)  # [len(feed), V]
+        rows = self.session.engine.forward(self.feed, last_only=self.kind != "verify")  # [len(feed) or 1, V]
         result = self.finish(rows)
         self.ran_s = time.perf_counter() - self.started
         return result
-
-
-@functools.lru_cache(maxsize=None)
-def _takes_last_only(engine_type: type) -> bool:
-    """Whether an engine's forward(ids, last_only=...) computes only the last row's logits."""
-    try:
-        return "last_only" in inspect.signature(engine_type.forward).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def batchable(work: Work) -> bool:
@@ -213,10 +198,7 @@ class Scheduler:
                 self.metrics.histogram("picospec_batch_sessions", len(tick), BATCH_BUCKETS)
                 self.metrics.histogram("picospec_batch_tokens", sum(len(w.feed) for w in tick), TOKEN_BUCKETS)
             try:
-                if self.batch:
-                    results = await loop.run_in_executor(self.executor, run_tick, tick)
-                else:
-                    results = [await loop.run_in_executor(self.executor, _run_alone, tick[0])]
+                results = await loop.run_in_executor(self.executor, run_tick, tick)  # one item: alone
             except asyncio.CancelledError:
                 raise
             except BaseException as err:  # the executor itself failed: every item learns it

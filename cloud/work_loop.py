@@ -23,12 +23,9 @@ from cloud.metrics import Metrics
 from cloud.scheduler import Scheduler, Work
 from cloud.verify import apply_pass, decide_pass, pass_feed
 
-PREFILL_CHUNK = 64  # prompt tokens per forward pass (ServerConfig.prefill_chunk); other sessions'
-                     # passes join every chunk's tick
-
 
 class WorkLoop:
-    """config: ServerConfig (max_block); may_fill(): whether the verifier is lightly shared enough
+    """config: ServerConfig (max_block, prefill_chunk); may_fill(): whether the verifier is lightly shared enough
     for bubble filling now."""
 
     def __init__(self, conn: Conn, scheduler: Scheduler, metrics: Metrics, config,
@@ -83,7 +80,7 @@ class WorkLoop:
         t0 = time.perf_counter()
         rest = session.begin_prompt(op.ids, op.max_new_tokens)
         last = None
-        chunk = max(1, getattr(self.config, "prefill_chunk", PREFILL_CHUNK))
+        chunk = self.config.prefill_chunk  # other sessions' passes join every chunk's tick
         for start in range(0, len(rest), chunk):
             last = await self.scheduler.submit(Work("prefill", session, rest[start:start + chunk],
                                                     lambda rows: rows[-1]))

@@ -39,20 +39,6 @@ def runner_up(logits: np.ndarray, chosen: int) -> tuple[int, float]:
     return other, float(logits[chosen] - logits[other])
 
 
-def least_confident(margins: list[float], limit: int) -> int | None:
-    """Index of the smallest margin among the first `limit` drafted tokens, or None."""
-    window = margins[:limit]
-    if not window:
-        return None
-    return int(np.argmin(window))
-
-
-@dataclass
-class BranchStats:
-    branches: int = 0  # branches started
-    drafted: int = 0  # tokens drafted on branches
-    hits: int = 0  # branches that became the main line
-
-    def to_dict(self) -> dict:
-        return {"branches": self.branches, "branch_tokens": self.drafted, "branch_hits": self.hits,
-                "branch_hit_rate": self.hits / self.branches if self.branches else None}
+def least_confident(margins: list[float]) -> int | None:
+    """Index of the smallest margin, or None for none."""
+    return int(np.argmin(margins)) if margins else None

@@ -35,13 +35,13 @@ from edge_app.variants import ExactVariant, PaperVariant
 from sampling import SparseDist
 
 DEFAULT_BLOCK = 4
+SWITCH_TO_CLOUD = "cloud"  # what run() returns when auto decides cloud-only is faster
 
 
 def fills_bubbles(options, mode: str, variant: str) -> bool:
     """Whether the cloud is asked to commit target tokens of its own while drafts are stale:
     in the pipeline and auto (not in sync, the vanilla baseline), with the exact variant."""
     return options.fill and mode != "sync" and variant == "exact"
-SWITCH_TO_CLOUD = "cloud"  # what run() returns when auto decides cloud-only is faster
 
 
 class SpeculativeLoop:
@@ -174,7 +174,7 @@ class SpeculativeLoop:
             oldest = min(self.sent_blocks, default=None)
             limit = min(self.sent, self.sent_blocks[oldest][1]) if oldest is not None else 0
             base = len(self.committed)
-            j = least_confident([self.rivals.get(base + i, (0, float("inf")))[1] for i in range(limit)], limit)
+            j = least_confident([self.rivals.get(base + i, (0, float("inf")))[1] for i in range(limit)])
             if j is None or self.forced or self.hold_epoch is not None or base + j not in self.rivals:
                 return False
             self.branch = Branch(root_pos=base + j, root=self.rivals[base + j][0])
@@ -203,12 +203,12 @@ class SpeculativeLoop:
 
     def _take_branch(self, pos: int, token: int) -> bool:
         """A recovered `token` at `pos` that the branch foresaw: its drafts become the main line
-        (the drafter's cache already holds them). Call after the drafts were dropped."""
-        branch, self.branch = self.branch, None
+        (the drafter's cache already holds them). Call after the drafts were dropped; False (the
+        branch left in place) when the branch foresaw something else."""
+        branch = self.branch
         if branch is None or branch.root_pos != pos or branch.root != token:
-            if branch is not None:
-                self.needs_resync = True
             return False
+        self.branch = None
         self.drafted, self.dists, self.sent = list(branch.tokens), list(branch.dists), 0
         self.rivals = {p: r for p, r in self.rivals.items() if p < pos}  # they were the old line's
         self.needs_resync = False

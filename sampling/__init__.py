@@ -22,6 +22,8 @@ from sampling.core import (
     verify_block_greedy,
     verify_block_u,
     verify_token,
+    accepts,
+    prob_of,
 )
 from sampling.sequences import common_prefix_len, reusable_prefix
 
@@ -44,6 +46,8 @@ __all__ = [
     "verify_block_greedy",
     "verify_block_u",
     "verify_token",
+    "accepts",
+    "prob_of",
     "common_prefix_len",
     "reusable_prefix",
 ]

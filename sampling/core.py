@@ -109,16 +109,21 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return z
 
 
-def truncate_probs(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0) -> np.ndarray:
+def truncate_probs(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0,
+                   out: np.ndarray | None = None) -> np.ndarray:
     """Keep the top-k tokens, then the smallest set whose mass reaches top_p; renormalise.
 
-    probs: float64[V]. Returns float64[V] with zeros outside the kept set. Ties are broken by
-    token id (stable sort), so both sides keep the same set for the same numbers.
+    probs: float64[V]. Returns float64[V] with zeros outside the kept set, written into `out` when
+    given (it may be probs itself), else a new array. Ties are broken by token id (stable sort), so
+    both sides keep the same set for the same numbers.
     """
     if top_k <= 0 and top_p >= 1.0:
         return probs
     ids, kept_p = _truncate_sparse(probs, top_k, top_p)
-    out = np.zeros_like(probs)
+    if out is None:
+        out = np.zeros_like(probs)
+    else:
+        out.fill(0.0)
     out[ids] = kept_p
     return out
 
@@ -265,14 +270,9 @@ def target_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         p[int(np.argmax(logits))] = 1.0
         return p
     probs = softmax(logits, params.temperature)
-    if params.top_k <= 0 and params.top_p >= 1.0:
-        return probs
-    ids, kept_p = _truncate_sparse(probs, params.top_k, params.top_p)
-    # truncate_probs, written into the softmax's own buffer: a second fresh 1.2 MB array costs
-    # more in page faults than all the arithmetic when the allocator has given memory back
-    probs.fill(0.0)
-    probs[ids] = kept_p
-    return probs
+    # into the softmax's own buffer: a second fresh 1.2 MB array costs more in page faults than
+    # all the arithmetic when the allocator has given memory back
+    return truncate_probs(probs, params.top_k, params.top_p, out=probs)
 
 
 def draft_dist(
@@ -344,17 +344,27 @@ def residual_probs(p: np.ndarray, q: SparseDist) -> np.ndarray:
     return r / mass if mass > 0 else p
 
 
+def prob_of(p: np.ndarray, token: int) -> float:
+    """p(token) from a dense distribution; 0 for an id outside it."""
+    return float(p[token]) if 0 <= token < len(p) else 0.0
+
+
+def accepts(token: int, q_token: float, p_token: float, u: float) -> bool:
+    """The accept test of one drafted token with the uniform u in [0, 1): p >= q, or u q < p, i.e.
+    probability min(1, p/q). q_token must be > 0: the token was sampled from q."""
+    if not q_token > 0.0:
+        raise ValueError(f"drafted token {token} has q = {q_token}: it cannot have been sampled")
+    return p_token >= q_token or u * q_token < p_token
+
+
 def verify_token(token: int, q_token: float, p: np.ndarray, rng: np.random.Generator) -> bool:
     """Accept a drafted token with probability min(1, p(token) / q(token)).
 
-    q_token must be > 0: the token was sampled from q.
+    q_token must be > 0: the token was sampled from q. No randomness is spent when p >= q (keeps
+    seeded runs aligned with greedy-like cases).
     """
-    if not q_token > 0.0:
-        raise ValueError(f"drafted token {token} has q = {q_token}: it cannot have been sampled")
-    p_token = float(p[token]) if 0 <= token < len(p) else 0.0
-    if p_token >= q_token:
-        return True  # no randomness spent: keeps seeded runs aligned with greedy-like cases
-    return bool(rng.random() * q_token < p_token)
+    p_token = prob_of(p, token)
+    return accepts(token, q_token, p_token, 0.0 if p_token >= q_token else rng.random())
 
 
 def verify_block(
@@ -393,11 +403,7 @@ def verify_block_u(
     """
     n = len(drafted)
     for j, (token, q, p) in enumerate(zip(drafted, draft_dists, target_rows)):
-        q_token = q.prob(token)
-        if not q_token > 0.0:
-            raise ValueError(f"drafted token {token} has q = {q_token}: it cannot have been sampled")
-        p_token = float(p[token]) if 0 <= token < len(p) else 0.0
-        if not (p_token >= q_token or uniforms[j] * q_token < p_token):
+        if not accepts(token, q.prob(token), prob_of(p, token), uniforms[j]):
             return Outcome(j, inverse_cdf(residual_probs(p, q), uniforms[n])), None
     bonus = inverse_cdf(target_rows[n], uniforms[n]) if len(target_rows) > n else None
     return Outcome(n, None), bonus

@@ -57,9 +57,9 @@ class SlowEngine(TargetEngine):
 
     delay_s = 0.0
 
-    def forward(self, ids):
+    def forward(self, ids, last_only=False):
         t0 = time.perf_counter()
-        out = super().forward(ids)
+        out = super().forward(ids, last_only)
         time.sleep(max(0.0, self.delay_s - (time.perf_counter() - t0)))
         return out
 
