@@ -108,17 +108,20 @@ def layer_curves(ks: list[int], repeats: int, clock, kernels: list[str]) -> dict
     6 weight copies (330 MB), so every product streams its weights from memory as in the model."""
     import torch.nn.functional as F
 
-    from cloud.kernels import load_kernel, rowstream_linear
+    from cloud.kernels import load_kernel, pack, packed_linear
 
     ok, why = load_kernel()
     if not ok:
         raise SystemExit(f"fast kernel unavailable: {why}")
-    run = {"stock": F.linear, "fast": rowstream_linear}
+    run = {"stock": F.linear, "fast": packed_linear}
+    layout = {"stock": lambda w: w, "fast": pack}  # the kernel reads its own layout, packed once
     g = torch.Generator().manual_seed(0)
     out: dict = {}
     for name, (n, kk) in LAYERS.items():
         copies = 1 if n * kk > 1e8 else 6
-        ws = [torch.randn(n, kk, generator=g) for _ in range(copies)]
+        plain = [torch.randn(n, kk, generator=g) for _ in range(copies)]
+        weights = {kernel: [layout[kernel](w) for w in plain] for kernel in kernels}
+        del plain
         calls = max(3, int(2e9 / (n * kk * 4)) // copies * copies // 2)  # ~0.5 s of streaming
         best = {kernel: {k: float("inf") for k in ks} for kernel in kernels}
         for k in ks:
@@ -127,7 +130,7 @@ def layer_curves(ks: list[int], repeats: int, clock, kernels: list[str]) -> dict
                 for kernel in kernels:
                     t0 = clock()
                     for c in range(calls):
-                        run[kernel](x, ws[c % copies])
+                        run[kernel](x, weights[kernel][c % copies])
                     best[kernel][k] = min(best[kernel][k], (clock() - t0) / calls * 1e3)
         out[name] = best
         print(f"\n{name}: ms per product ({calls} products a round, min over {repeats} rounds)")

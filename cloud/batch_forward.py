@@ -9,10 +9,8 @@ last one).
 
 Exactness: with the row-streaming kernel (cloud/kernels.py) every projection gives each row bit for
 bit what it gives that row alone, and attention, norms and rotary are computed per session, so a
-session's rows do not depend on who else is in the pass. The kernel serves at most
-kernels.MAX_ROWS rows per call (beyond, a layer falls back to torch's GEMM, whose rounding depends
-on the row count), so the row-wise parts run in slices of at most that many rows. The result is bit
-for bit the model's own forward pass of that session alone (tests/test_batch_forward.py), which is
+session's rows do not depend on who else is in the pass, however many rows it holds. The result
+is bit for bit the model's own forward pass of that session alone (tests/test_batch_forward.py), which is
 what a tick of one item runs; without the kernel the two agree to float32 rounding (~1e-6).
 
 Supported: decoder-only models laid out as transformers' Llama / Qwen2 (model.model.layers with
@@ -57,23 +55,6 @@ def supports_batching(model) -> bool:
     return all(hasattr(layer, a) for a in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
 
 
-def row_slice(model) -> int | None:
-    """The most rows one linear call may take and stay on the row-streaming kernel (None: no limit,
-    the model runs torch's stock linears)."""
-    try:
-        from cloud.kernels import MAX_ROWS, RowStreamLinear
-    except ImportError:
-        return None
-    return MAX_ROWS if isinstance(model.lm_head, RowStreamLinear) else None
-
-
-def rowwise(fn, x: torch.Tensor, rows: int | None) -> torch.Tensor:
-    """fn over x [1, R, ...] in slices of at most `rows` rows (fn must treat rows independently)."""
-    if rows is None or x.shape[1] <= rows:
-        return fn(x)
-    return torch.cat([fn(x[:, i:i + rows]) for i in range(0, x.shape[1], rows)], dim=1)
-
-
 def cache_lengths(cache) -> list[int]:
     """Positions held by each layer of a DynamicCache (they differ only mid-pass)."""
     return [layer.get_seq_length() if getattr(layer, "is_initialized", False) else 0 for layer in cache.layers]
@@ -116,7 +97,6 @@ def batched_forward(model, segments: list[Segment]) -> list[torch.Tensor]:
     hidden = inner.embed_tokens(ids)  # [1, R, H]
     cos, sin = inner.rotary_emb(hidden, positions)  # [1, R, head_dim] each
     masks = [causal_mask(p, n, device) for p, n in zip(pasts, sizes)]
-    rows = row_slice(model)
 
     # 2. the decoder layers: row-wise parts on all rows at once, attention per session
     for layer_idx, layer in enumerate(inner.layers):
@@ -124,9 +104,9 @@ def batched_forward(model, segments: list[Segment]) -> list[torch.Tensor]:
         head_dim = attn.head_dim
         residual = hidden
         x = layer.input_layernorm(hidden)
-        q = rowwise(attn.q_proj, x, rows).view(1, -1, attn.config.num_attention_heads, head_dim).transpose(1, 2)
-        k = rowwise(attn.k_proj, x, rows).view(1, -1, attn.config.num_key_value_heads, head_dim).transpose(1, 2)
-        v = rowwise(attn.v_proj, x, rows).view(1, -1, attn.config.num_key_value_heads, head_dim).transpose(1, 2)
+        q = attn.q_proj(x).view(1, -1, attn.config.num_attention_heads, head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, -1, attn.config.num_key_value_heads, head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(1, -1, attn.config.num_key_value_heads, head_dim).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)  # [1, heads, R, head_dim]
         outs = []
         for seg, a, b, mask in zip(segments, starts, starts[1:], masks):
@@ -135,15 +115,15 @@ def batched_forward(model, segments: list[Segment]) -> list[torch.Tensor]:
                                             scaling=attn.scaling)  # [1, rows, heads, head_dim]
             outs.append(out)
         attn_out = torch.cat(outs, dim=1).reshape(1, ids.shape[1], -1)  # [1, R, heads * head_dim]
-        hidden = residual + rowwise(attn.o_proj, attn_out, rows)
-        hidden = hidden + rowwise(layer.mlp, layer.post_attention_layernorm(hidden), rows)
+        hidden = residual + attn.o_proj(attn_out)
+        hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     # 3. the output layer on the rows each segment needs
     hidden = inner.norm(hidden)[0]  # [R, H]
     keep = [torch.arange(a, b) if s.all_rows else torch.tensor([b - 1])
             for s, a, b in zip(segments, starts, starts[1:])]
     kept = torch.cat(keep).to(device)
-    logits = rowwise(model.lm_head, hidden.index_select(0, kept)[None], rows)[0]  # [kept rows, V]
+    logits = model.lm_head(hidden.index_select(0, kept)[None])[0]  # [kept rows, V]
     if logits.dtype != torch.float32:
         logits = logits.float()
     return list(torch.split(logits, [len(k) for k in keep]))

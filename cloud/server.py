@@ -54,7 +54,7 @@ class ServerConfig:
     # per tick, up to batch_max_tokens fed ids; prompts are fed prefill_chunk ids per pass
     batch: bool = True
     batch_max_tokens: int = 256
-    prefill_chunk: int = 64  # within the row-streaming kernel's rows: solo and batched agree bit for bit
+    prefill_chunk: int = 64  # ids a prompt feeds per pass: other sessions' passes join every chunk's tick
     # fill bubbles with the cloud's own target tokens only while the verifier is this lightly
     # shared: with many sessions, idle time of one is another's verify time
     fill_max_sessions: int = 2

@@ -99,12 +99,12 @@ def test_every_row_count_and_tail_is_row_independent(n, k):
 
 @needs_kernel
 def test_batched_and_3d_inputs_keep_their_shape():
-    lin = nn.Linear(64, 10)
-    stock_out = lin(torch.ones(2, 3, 64))
-    lin.__class__ = RowStreamLinear
+    lin = nn.Linear(300, 100)  # two weight blocks and two k slices: the packed layout matters
+    stock_out = lin(torch.ones(2, 3, 300))
+    accelerate_linears(lin, enabled=True)
     with torch.inference_mode():
-        out = lin(torch.ones(2, 3, 64))
-    assert out.shape == (2, 3, 10)
+        out = lin(torch.ones(2, 3, 300))
+    assert out.shape == (2, 3, 100)
     assert torch.allclose(out, stock_out, atol=1e-5)
 
 
@@ -208,20 +208,83 @@ def test_restore_gives_back_stock_linears():
 
 
 @needs_kernel
-def test_autograd_falls_back_to_the_stock_kernel():
+def test_training_through_packed_weights_is_refused_clearly():
     lin = nn.Linear(16, 4)
-    lin.__class__ = RowStreamLinear
+    accelerate_linears(lin, enabled=True)
     x = torch.randn(3, 16, requires_grad=True)
-    lin(x).sum().backward()
+    with pytest.raises(RuntimeError, match="inference"):
+        lin(x)
+    with torch.no_grad():
+        assert lin(x).shape == (3, 4)
+    restore_linears(lin)
+    lin(x).sum().backward()  # back in torch's layout, it trains
     assert x.grad is not None and lin.weight.grad is not None
 
 
 @needs_kernel
-def test_long_prefill_chunks_use_the_stock_kernel():
-    lin = nn.Linear(32, 8)
-    lin.__class__ = RowStreamLinear
-    x = torch.randn(kernels.MAX_ROWS + 1, 32)
+def test_long_inputs_stay_row_independent():
+    """A long prefill chunk (more rows than one run of the kernel) is run in pieces: every row is
+    still bit for bit its one-row result, so a prompt's logits do not depend on the chunk size."""
+    lin = nn.Linear(300, 200)
+    plain = lin.weight.detach().clone()
+    accelerate_linears(lin, enabled=True)
+    x = torch.randn(150, 300)
     with torch.inference_mode():
-        assert torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
-        short = lin(x[:kernels.MAX_ROWS])
-    assert torch.equal(short, kernels.rowstream_linear(x[:kernels.MAX_ROWS], lin.weight, lin.bias))
+        full = lin(x)
+        assert torch.equal(full, torch.cat([lin(x[i:i + 1]) for i in range(150)]))
+        assert torch.equal(full[:70], lin(x[:70]))
+    assert torch.allclose(full, F.linear(x, plain, lin.bias), atol=1e-4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n, k", [(1, 1), (95, 255), (96, 256), (97, 257), (300, 1000), (200, 513)])
+def test_packing_round_trips_and_reads_rows(n, k):
+    """Every block and k-slice boundary: pack then unpack (in place and as copies) gives the weight
+    back exactly, and packed_rows reads any rows of it."""
+    w = torch.randn(n, k)
+    packed = kernels.pack(w)
+    assert not torch.equal(packed, w) or (n <= 96 and k <= 256)
+    assert torch.equal(kernels.unpacked(packed), w)
+    ids = torch.tensor([[0, n - 1], [n // 2, 0]])
+    assert torch.equal(torch.ops.picospec_kernels.packed_rows(packed, ids), w[ids])
+    same = w.clone()
+    torch.ops.picospec_kernels.pack_(same)
+    assert torch.equal(same, packed)
+    torch.ops.picospec_kernels.unpack_(same)
+    assert torch.equal(same, w)
+
+
+@needs_kernel
+def test_tied_embeddings_read_the_packed_weight():
+    """A model whose input embedding is its output layer's weight (Qwen2.5 1.5B's shape): after
+    packing, the embedding still reads the right rows, greedy output equals the stock model's,
+    state_dict() is in torch's layout, and restore_linears gives the weights back bit for bit."""
+    torch.manual_seed(3)
+    config = Qwen2Config(vocab_size=500, hidden_size=320, intermediate_size=172, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)  # 320 features: two k slices a row
+    stock = Qwen2ForCausalLM(config).eval()
+    fast = Qwen2ForCausalLM(config).eval()
+    fast.load_state_dict(stock.state_dict())
+    assert fast.lm_head.weight is fast.model.embed_tokens.weight
+    before = {name: t.clone() for name, t in fast.state_dict().items()}
+    accelerate_linears(fast, enabled=True)
+    assert isinstance(fast.model.embed_tokens, kernels.PackedEmbedding)
+    assert not torch.equal(fast.lm_head.weight, before["lm_head.weight"])  # packed in place
+    assert all(torch.equal(t, before[name]) for name, t in fast.state_dict().items())
+    a, b = TargetEngine(stock), TargetEngine(fast)
+    prompt = torch.randint(0, 500, (20,), generator=torch.Generator().manual_seed(4)).tolist()
+    outs = []
+    for e in (a, b):
+        logits, out = e.prefill(prompt), []
+        for _ in range(6):
+            out.append(int(torch.argmax(logits)))
+            logits = e.forward(out[-1:])[-1]
+        outs.append(out)
+    assert outs[0] == outs[1]
+    with pytest.raises(RuntimeError, match="restore_linears"):
+        fast.load_state_dict(stock.state_dict())
+    restore_linears(fast)
+    assert type(fast.model.embed_tokens) is nn.Embedding
+    assert all(torch.equal(t, before[name]) for name, t in fast.named_parameters() if name in before)
+    assert torch.equal(fast.lm_head.weight, before["lm_head.weight"])
