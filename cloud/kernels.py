@@ -161,9 +161,8 @@ inline void tile1(const float* x, int64_t xs, const float* w, int64_t steps, flo
 // rows' slices one after another. Element (n, k), in the block of rows [nb, nb + nbr) and the k block
 // [k0, k0 + len) (len = min(kKC, K - k0)), lies at
 //     nb K + k0 nbr + (n - nb) len + (k - k0).
-// The kernel reads the weights in memory order, one stream the hardware prefetcher follows; each k
-// slice of a block (kNB x kKC floats) is used by every input row from L1, while the input rows'
-// slice of the same k block stays in L1 across all the block's rows.
+// Each k slice of a block (kNB x kKC floats, one run of memory) is used by every input row from L1,
+// while the input rows' slice of the same k block stays in L1 across all the block's rows.
 constexpr int64_t kNB = 96;  // a multiple of every tile's weight rows (8, 6, 4, 3)
 constexpr int64_t kKC = 256;
 constexpr int64_t kLead = 1;  // software prefetch: the tile this many on
@@ -179,7 +178,7 @@ inline int64_t slice_len(int64_t k0, int64_t K) { return std::min(kKC, K - k0); 
 // slice row each, and measured ~30% slower with one input row). xk: the input packed in groups of
 // MR rows, each [k8 / 8][rows in group][8] (`xk + m * k8` is the group of row m); x: as given (k
 // tail). PF: software prefetch of the next tiles' lines, into L1.
-template <int MR, int NR, bool PF, bool SPREAD>
+template <int MR, int NR, bool PF>
 void blocks(const float* xk, const float* x, int64_t M, const float* w, float* y, int64_t N,
             int64_t K, const float* bias, int64_t b0, int64_t b1) {
   const int64_t k8 = K & ~int64_t(7), groups = (M + MR - 1) / MR;
@@ -193,7 +192,7 @@ void blocks(const float* xk, const float* x, int64_t M, const float* w, float* y
     const int64_t nb = b * kNB, nbr = block_rows(nb, N);
     const float* block = w + nb * K;
     // a short last block whose rows do not split into NR runs: tiles of adjacent rows and 1-row tails
-    const int64_t gap = SPREAD && nbr % NR == 0 ? nbr / NR : 0, tiles = gap ? gap : (nbr + NR - 1) / NR;
+    const int64_t gap = nbr % NR == 0 ? nbr / NR : 0, tiles = gap ? gap : (nbr + NR - 1) / NR;
     for (int64_t k0 = 0; k0 < K; k0 += kKC) {
       const int64_t len = slice_len(k0, K), steps = std::max<int64_t>(0, std::min(k8 - k0, kKC)) / 8;
       const bool first = k0 == 0;
@@ -209,7 +208,7 @@ void blocks(const float* xk, const float* x, int64_t M, const float* w, float* y
           pf.off = 0;
           pf.end = t + kLead < tiles ? steps * 8 : 0;
           pf.row = 0;
-        } else if (PF) {  // adjacent tiles: the weights are read in memory order, one line after another
+        } else if (PF) {  // adjacent tiles (a short last block): the lines kLead tiles on, in memory order
           pf.base = std::min(wb + kLead * NR * len, wend);
           pf.stride = 0;
           pf.rows = 1;
@@ -334,10 +333,10 @@ void run_rows(const float* xp, int64_t M, const float* wp, float* yp, int64_t N,
   }
   const int64_t nblocks = (N + kNB - 1) / kNB;
   at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
-    if (M == 1) blocks<1, 8, false, true>(xk.data(), xp, M, wp, yp, N, K, bp, b0, b1);
-    else if (M == 2) blocks<2, 6, false, true>(xk.data(), xp, M, wp, yp, N, K, bp, b0, b1);
-    else if (M == 3) blocks<3, 4, false, true>(xk.data(), xp, M, wp, yp, N, K, bp, b0, b1);
-    else blocks<4, 3, true, true>(xk.data(), xp, M, wp, yp, N, K, bp, b0, b1);
+    if (M == 1) blocks<1, 8, false>(xk.data(), xp, M, wp, yp, N, K, bp, b0, b1);
+    else if (M == 2) blocks<2, 6, false>(xk.data(), xp, M, wp, yp, N, K, bp, b0, b1);
+    else if (M == 3) blocks<3, 4, false>(xk.data(), xp, M, wp, yp, N, K, bp, b0, b1);
+    else blocks<4, 3, true>(xk.data(), xp, M, wp, yp, N, K, bp, b0, b1);
   });
 }
 
