@@ -510,6 +510,9 @@ def accelerate_linears(model: nn.Module, enabled: bool | None = None) -> str:
     if not enabled:
         return f"stock torch linears (fast path off: {ENV_SWITCH}=0 or fast_linear=False)"
     linears = [m for m in model.modules() if type(m) is nn.Linear]
+    packed_already = sum(type(m) is RowStreamLinear for m in model.modules())
+    if packed_already and not linears:  # a second call: nothing to pack twice
+        return f"{load_kernel()[1]}: {packed_already} of {packed_already} linear layers"
     if not linears:
         return "stock (no nn.Linear layers)"
     w = linears[0].weight

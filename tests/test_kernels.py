@@ -203,6 +203,9 @@ def test_restore_gives_back_stock_linears():
     accelerate_linears(model, enabled=True)
     n = sum(isinstance(m, RowStreamLinear) for m in model.modules())
     assert n == 2 * 7 + 1  # q k v o gate up down per layer, and the lm_head
+    packed = model.lm_head.weight.clone()
+    assert accelerate_linears(model, enabled=True).endswith(f"{n} of {n} linear layers")  # not packed twice
+    assert torch.equal(model.lm_head.weight, packed)
     assert restore_linears(model) == n
     assert not any(isinstance(m, RowStreamLinear) for m in model.modules())
 
