@@ -38,14 +38,18 @@ class Conn:
     busy: bool = False  # the work loop is handling a message (an edge may wait in silence)
     last_active: float = field(default_factory=time.monotonic)
     opened: float = field(default_factory=time.monotonic)
+    arrivals: collections.deque = field(default_factory=collections.deque)  # time.monotonic() per op
+    popped_at: float = 0.0  # when the op last popped came in
 
     def push(self, op) -> None:
+        self.arrivals.append(time.monotonic())
         self.ops.append(op)
         self.cost += op_cost(op)
         self.wake.set()
 
     def pop(self):
         op = self.ops.popleft()
+        self.popped_at = self.arrivals.popleft()
         self.cost -= op_cost(op)
         return op
 

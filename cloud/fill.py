@@ -7,15 +7,40 @@ as Tokens with the session's epoch. A filled token does not change the epoch by 
 keeps drafts that match it. When a draft of the current epoch arrives for positions already
 filled, the matching ids are dropped from it; a mismatch makes the edge's drafts stale (the
 session starts a new epoch, carried by the next message that changes the committed prefix).
+
+Timing. A filled token's pass feeds one row on its own, which costs nearly a whole pass, while the
+same row rides almost free in the verify pass of the edge's next block. Filling pays while that pass
+ends before the block arrives; a pass that the block has to wait for only delays it. So after a
+correction the verifier fills only while a pass can end before the block is due (the
+correction-to-block turnaround it has measured on this session), waits for the block otherwise,
+and fills after all once the block is late by half a pass (the edge may have nothing more to send).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
 
 from cloud.draft_queue import Block
 
 if TYPE_CHECKING:
     from cloud.session import VerifySession
+
+LATE = 0.5  # a block this many fill passes past its due time is not coming soon: fill after all
+
+
+@dataclass
+class FillTiming:
+    """What a session has measured about its bubbles (seconds); kept across its answers."""
+
+    turnaround: float | None = None  # a correction -> the edge's next fresh block arrives
+    pass_s: float | None = None  # one filled token's forward pass
+
+    def observe_turnaround(self, seconds: float) -> None:
+        self.turnaround = _ema(self.turnaround, seconds)
+
+    def observe_pass(self, seconds: float) -> None:
+        self.pass_s = _ema(self.pass_s, seconds)
 
 
 class NoFill:
@@ -24,13 +49,20 @@ class NoFill:
     enabled = False
 
     def open_bubble(self) -> None:
-        """Nothing fresh to verify from now on (a prompt, a correction)."""
+        """Nothing fresh to verify from now on (a correction)."""
 
-    def close_bubble(self) -> None:
-        """Fresh drafts arrived."""
+    def close_bubble(self, arrived_at: float | None = None) -> None:
+        """Fresh drafts arrived (at `arrived_at`, on the fill clock)."""
 
     def wants_token(self, session: VerifySession) -> bool:
         return False
+
+    def hold_s(self) -> float:
+        """Seconds to wait for the edge's block before filling (0: fill now)."""
+        return 0.0
+
+    def observe_pass(self, seconds: float) -> None:
+        """A filled token's pass took `seconds`."""
 
     def overlap(self, block: Block, committed: list[int]) -> Block | None:
         """The block without ids the cloud filled itself; None if it contradicts them."""
@@ -40,19 +72,40 @@ class NoFill:
 class BubbleFill(NoFill):
     enabled = True
 
-    def __init__(self) -> None:
+    def __init__(self, timing: FillTiming | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+        self.timing = timing if timing is not None else FillTiming()
+        self.clock = clock
         self.in_bubble = True  # the edge is drafting its first block: fill the wait
+        self.opened_at = clock()
+        self.after_correction = False  # the prompt's bubble lasts as long as the edge's prefill: no timing
 
     def open_bubble(self) -> None:
         self.in_bubble = True
+        self.opened_at = self.clock()
+        self.after_correction = True
 
-    def close_bubble(self) -> None:
+    def close_bubble(self, arrived_at: float | None = None) -> None:
+        if self.in_bubble and self.after_correction and arrived_at is not None:
+            self.timing.observe_turnaround(max(0.0, arrived_at - self.opened_at))
         self.in_bubble = False
 
     def wants_token(self, session: VerifySession) -> bool:
         """In a bubble, nothing queued, and the answer not over: commit a token of our own."""
         return (self.in_bubble and not session.queue and session.budget_left > 0
                 and session.committed[-1] != session.eos_id)
+
+    def hold_s(self) -> float:
+        t = self.timing
+        if not self.after_correction or t.turnaround is None or t.pass_s is None:
+            return 0.0  # nothing measured yet (or the prompt's bubble): fill
+        now = self.clock()
+        due = self.opened_at + t.turnaround
+        if now + t.pass_s <= due:
+            return 0.0  # a pass ends before the block is due: free
+        return max(0.0, due + LATE * t.pass_s - now)
+
+    def observe_pass(self, seconds: float) -> None:
+        self.timing.observe_pass(seconds)
 
     def overlap(self, block: Block, committed: list[int]) -> Block | None:
         if block.pos >= len(committed) or block.forced:
@@ -61,3 +114,7 @@ class BubbleFill(NoFill):
         if block.ids[:n] != committed[block.pos:block.pos + n]:
             return None  # the edge drafted something else at a filled position: stale
         return block.slice(n)
+
+
+def _ema(previous: float | None, x: float, alpha: float = 0.3) -> float:
+    return x if previous is None else (1 - alpha) * previous + alpha * x

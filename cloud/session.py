@@ -19,7 +19,7 @@ import torch
 
 from cloud.draft_queue import Block, DraftQueue
 from cloud.errors import SessionError
-from cloud.fill import BubbleFill, NoFill
+from cloud.fill import BubbleFill, FillTiming, NoFill
 from cloud.paper_variant import PaperRule
 from cloud.verify import ExactRule
 from sampling import SamplingParams
@@ -57,6 +57,7 @@ class VerifySession:
         self.epoch = 0
         self.queue = DraftQueue(max_queued_entries)
         self.fill: NoFill = NO_FILL
+        self.fill_timing = FillTiming()  # bubbles measured on this session, for every answer's filling
         # counters for /metrics and the close log
         self.drafted = 0
         self.accepted = 0
@@ -106,15 +107,16 @@ class VerifySession:
         self.max_new_tokens = max_new_tokens
         self.pending_row = last_row
         self.rule.reset()
-        self.fill = BubbleFill() if fill and self.rule.allows_fill else NO_FILL
+        self.fill = BubbleFill(self.fill_timing) if fill and self.rule.allows_fill else NO_FILL
         self.epoch += 1
         self.queue.clear()
         return self.commit_next_token() if max_new_tokens > 0 and self.rule.first_token_from_prefill else None
 
     # -- drafts --------------------------------------------------------------------------------
-    def add_draft(self, block: Block) -> bool:
+    def add_draft(self, block: Block, arrived_at: float | None = None) -> bool:
         """Queue a drafted block; False if it is stale (another epoch, or contradicted by filled
-        tokens); SessionError if it breaks the protocol."""
+        tokens); SessionError if it breaks the protocol. arrived_at: when its Draft came in
+        (time.monotonic), for the bubble's timing."""
         if block.epoch != self.epoch:
             return False
         if not self.prompt_len:
@@ -127,7 +129,7 @@ class VerifySession:
             if not stripped.ids and block.ids:
                 return True  # every id was filled already, and matched
             block = stripped
-        self.fill.close_bubble()
+        self.fill.close_bubble(arrived_at)
         self.rule.check(block, queue_empty=not self.queue)
         self.queue.push(block, len(self.committed), self.max_context)
         return True

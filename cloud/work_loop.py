@@ -11,6 +11,7 @@ worker while this loop awaits them.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Callable
@@ -38,11 +39,16 @@ class WorkLoop:
         try:
             while True:
                 while not conn.ops:
-                    if self.session.wants_fill():
+                    # in a bubble: fill now, or hold (seconds) while the edge's block is due
+                    hold = self.session.fill.hold_s() if self.session.wants_fill() else None
+                    if hold == 0.0:
                         await self.fill_one()
                         continue
                     conn.wake.clear()
-                    await conn.wake.wait()
+                    try:
+                        await asyncio.wait_for(conn.wake.wait(), hold)
+                    except asyncio.TimeoutError:
+                        pass  # the block is late: fill after all
                 op = conn.pop()
                 conn.busy = True
                 await self.handle(op)
@@ -94,7 +100,7 @@ class WorkLoop:
 
     # -- Draft -> Verdict ----------------------------------------------------------------------
     def queue_draft(self, op: codec.Draft) -> None:
-        if not self.session.add_draft(Block.from_draft(op)):
+        if not self.session.add_draft(Block.from_draft(op), self.conn.popped_at):
             self.metrics.inc("picospec_stale_drafts_total", len(op.ids))
 
     async def verify_queued(self) -> None:
@@ -125,7 +131,11 @@ class WorkLoop:
         """One target token of the cloud's own while the edge drafts. If a draft arrives during the
         pass, the pass's row verifies that draft instead and nothing is sampled."""
         session = self.session
+        t0 = time.monotonic()
+        fed = bool(session.next_token_feed())
         await self.prepare_next_token("fill")
+        if fed:
+            session.fill.observe_pass(time.monotonic() - t0)
         if self.conn.ops or not session.wants_fill():
             return
         token = await self.scheduler.call(session.commit_fill)

@@ -11,7 +11,7 @@ import numpy as np
 
 from sampling import SamplingParams, SparseDist, common_prefix_len, draft_dist, reusable_prefix, sample_sparse
 
-__all__ = ["DraftModel", "TokenListDrafter", "common_prefix_len", "draft_step", "resync", "reusable_prefix"]
+__all__ = ["DraftModel", "TokenListDrafter", "common_prefix_len", "draft_sample", "draft_step", "resync", "reusable_prefix"]
 
 
 @runtime_checkable
@@ -51,14 +51,20 @@ def resync(drafter: DraftModel, committed: list[int]) -> None:
     drafter.feed(committed[keep:])
 
 
-def draft_step(drafter: DraftModel, params: SamplingParams,
-               rng: np.random.Generator) -> tuple[int, SparseDist, np.ndarray]:
-    """Sample one token from the quantised draft distribution (its argmax when greedy) and feed it.
-
-    Returns (token, the distribution it was sampled from, the logits [V] it came from)."""
+def draft_sample(drafter: DraftModel, params: SamplingParams,
+                 rng: np.random.Generator) -> tuple[int, SparseDist, np.ndarray]:
+    """Sample the next token from the quantised draft distribution (its argmax when greedy), without
+    feeding it. Returns (token, the distribution it was sampled from, the logits [V] it came from)."""
     logits = drafter.logits()
     dist = draft_dist(logits, params)
     token = int(dist.ids[0]) if params.greedy else sample_sparse(dist, rng)
+    return token, dist, logits
+
+
+def draft_step(drafter: DraftModel, params: SamplingParams,
+               rng: np.random.Generator) -> tuple[int, SparseDist, np.ndarray]:
+    """draft_sample, then feed the token: the drafter's logits() are then those after it."""
+    token, dist, logits = draft_sample(drafter, params, rng)
     drafter.feed([token])
     return token, dist, logits
 

@@ -145,6 +145,17 @@ def test_filled_tokens_drop_matching_drafts_and_a_mismatch_makes_them_stale(targ
     assert s2.epoch == 2 and s2.wants_fill()  # stale: the next filled Tokens carry epoch 2
 
 
+def test_a_session_times_its_bubbles_across_answers(target, ref):
+    """The correction-to-block turnaround measured in one answer decides the next answer's filling."""
+    s, _ = start(target, fill=True)
+    block, result, _ = run_pass(s, [(ref[1] + 1) % VOCAB])  # rejected: a correction opens a bubble
+    assert result.accepted == 0 and s.wants_fill()
+    assert s.add_draft(Block(s.epoch, len(s.committed), ref[2:4]), arrived_at=s.fill.opened_at + 0.25)
+    assert s.fill_timing.turnaround == pytest.approx(0.25)
+    s.end_prompt(PROMPT, 20, s.engine.forward([ref[0]])[-1], fill=True)  # the next answer, same session
+    assert s.fill.timing is s.fill_timing and s.fill.timing.turnaround == pytest.approx(0.25)
+
+
 def test_generate_never_runs_past_the_prompts_budget(target):
     s, _ = start(target, max_new_tokens=5)
     assert s.generate_limit(100) == 4 and s.generate_limit(2) == 2

@@ -205,3 +205,24 @@ def test_every_drafter_implements_the_draft_model_protocol():
         missing = [m for m in members if not hasattr(cls, m)]
         assert not missing, (cls.__name__, missing)
     assert isinstance(CountingDrafter(), DraftModel)
+
+
+def test_a_completed_block_goes_up_before_its_last_token_is_fed_to_the_drafter():
+    """The last drafted token's feed is only needed for the token after it: the block must not
+    wait for it (one draft forward pass less between a verdict and the next block)."""
+    drafter_len_at_send = []
+
+    class WatchedLink(ScriptedLink):
+        async def send(self, msg):
+            if isinstance(msg, codec.Draft):
+                drafter_len_at_send.append((msg.pos + len(msg.ids), watched.length))
+            await super().send(msg)
+
+    watched = CountingDrafter()
+    link = WatchedLink(accept_all(1))
+    opts = GenerateOptions(max_new_tokens=9, block=2, run_ahead=2, mode="pipeline", stop_ids=())
+    answer = AnswerState([1, 2, 3], opts, GenerationStats(mode="pipeline"), EdgeMeters())
+    loop = SpeculativeLoop(answer, watched, link, Estimates(), ExactVariant(), np.random.default_rng(0), "pipeline")
+    asyncio.run(loop.run())
+    assert answer.committed == [1, 2, 3] + [4 + i for i in range(9)]
+    assert drafter_len_at_send and all(fed == end - 1 for end, fed in drafter_len_at_send)
