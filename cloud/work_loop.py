@@ -74,11 +74,12 @@ class WorkLoop:
         else:
             raise SessionError("bad_message", f"unexpected {type(op).__name__} from the edge")
 
-    async def prepare_next_token(self, kind: str) -> None:
-        """The pass the session's next own token needs ("fill" or "decode"), if any."""
+    async def prepare_next_token(self, kind: str) -> bool:
+        """The pass the session's next own token needs ("fill" or "decode"), if any; True if it ran."""
         feed = self.session.next_token_feed()
         if feed:
             await self.scheduler.submit(Work(kind, self.session, feed, self.session.keep_row))
+        return bool(feed)
 
     # -- Prompt -> Prefilled -------------------------------------------------------------------
     async def prefill(self, op: codec.Prompt) -> None:
@@ -132,9 +133,7 @@ class WorkLoop:
         pass, the pass's row verifies that draft instead and nothing is sampled."""
         session = self.session
         t0 = time.monotonic()
-        fed = bool(session.next_token_feed())
-        await self.prepare_next_token("fill")
-        if fed:
+        if await self.prepare_next_token("fill"):
             session.fill.observe_pass(time.monotonic() - t0)
         if self.conn.ops or not session.wants_fill():
             return
