@@ -3,7 +3,8 @@
     edge (this process, edge cores) --ws--> ThreadedLinkProxy (rtt/2 each way) --> verifier (cloud cores)
 
 Each (mode, rtt) runs every prompt greedily through `EdgeClient.generate_ids` and leaves one record
-per prompt (see bench/report.py). Edge-only does not use the link: it runs once. Hugging Face
+per prompt (see bench/report.py); at each RTT the modes take turns prompt by prompt, every answer
+on a fresh session. Edge-only does not use the link: it runs once. Hugging Face
 assisted generation runs last, in its own process on the cloud cores, after the verifier has
 stopped so that nothing else competes for those cores.
 """
@@ -164,13 +165,12 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
             curve = await measure_verify_curve(client.link, client.link.welcome.vocab_size)
             result.setup["verify_curve_s"] = {str(k): v for k, v in curve.items()}
         if "edge" in cfg.modes:
-            await _run_mode(client, cfg, "edge", None, ids, result, sensor, None, progress)
+            await _run_modes(client, cfg, ["edge"], None, ids, result, sensor, None, progress)
         for rtt in cfg.rtts_ms if link_modes else []:
             proxy.update(link_config(cfg, rtt))
             await _reset_link(client)
             result.run_info[("link", rtt)] = {"measured_rtt_s": await measure_rtt(proxy.url_for("/healthz"))}
-            for mode in link_modes:
-                await _run_mode(client, cfg, mode, rtt, ids, result, sensor, proxy, progress)
+            await _run_modes(client, cfg, link_modes, rtt, ids, result, sensor, proxy, progress)
         return ids
     finally:
         if client is not None:
@@ -237,42 +237,96 @@ async def measure_rtt(url: str, n: int = 5) -> float | None:
 
 
 async def _fresh_state(client) -> None:
-    """Every run starts cold on both sides: a new verifier session (empty KV cache) and an empty
-    draft cache. Within a run, prompts share what they really share (the chat template's prefix)."""
+    """Every answer starts cold on both sides: a new verifier session (empty KV cache) and an empty
+    draft cache, whatever mode ran before it."""
     await _reset_link(client)
     client.drafter.reset()
 
 
-async def _run_mode(client, cfg: BenchConfig, mode: str, rtt: float | None, ids: list[list[int]],
-                    result: BenchResult, sensor, proxy, progress: Progress) -> None:
-    """Every prompt in one mode at one RTT; energy and wire bytes measured over the whole run."""
+def mode_order(modes: list[str], index: int) -> list[str]:
+    """The modes in the order prompt `index` runs them: rotated by one per prompt, so that no mode
+    always follows the same one (or always runs first after the link changes)."""
+    if not modes:
+        return []
+    k = index % len(modes)
+    return modes[k:] + modes[:k]
+
+
+@dataclass
+class RunTotals:
+    """What one (mode, rtt) run measured over its answers: energy reports and wire bytes, summed."""
+
+    energy: list[dict] = field(default_factory=list)
+    wire_up: int = 0
+    wire_down: int = 0
+
+
+def sum_energy(reports: list[dict]) -> dict:
+    """One energy report for a run from its answers' reports (edge_app.energy.EnergyMeter.stop):
+    joules and wall_s summed; source, formula and scope from the first (one meter setup per run);
+    joules None if any answer's were not measured."""
+    if not reports:
+        return {"joules": None, "source": "not measured", "formula": None, "scope": None, "wall_s": 0.0,
+                "detail": None}
+    joules = [r.get("joules") for r in reports]
+    out = dict(reports[0])
+    out["joules"] = None if any(j is None for j in joules) else sum(joules)
+    out["wall_s"] = sum(r.get("wall_s") or 0.0 for r in reports)
+    return out
+
+
+async def _run_modes(client, cfg: BenchConfig, modes: list[str], rtt: float | None, ids: list[list[int]],
+                     result: BenchResult, sensor, proxy, progress: Progress) -> None:
+    """Every prompt in every mode at one RTT, interleaved: prompt by prompt, each mode in turn (see
+    mode_order), each answer on a fresh session and draft cache. A machine whose speed drifts
+    during the benchmark then slows every mode alike, where one mode's whole run after another's
+    would carry the drift into their ratio. Energy and wire bytes are measured per answer and
+    summed per mode."""
+    totals = {mode: RunTotals() for mode in modes}
+    for i, (prompt, prompt_ids) in enumerate(zip(cfg.prompts, ids)):
+        for mode in mode_order(modes, i):
+            await _run_answer(client, cfg, mode, rtt, prompt, prompt_ids, result, sensor, proxy, totals[mode])
+            progress(f"{mode}@{rtt:g}ms" if rtt is not None else mode, True)
+    for mode in modes:
+        result.run_info[(mode, rtt)] = _run_info(client, result, mode, rtt, totals[mode], proxy is not None)
+
+
+async def _run_answer(client, cfg: BenchConfig, mode: str, rtt: float | None, prompt: BenchPrompt,
+                      prompt_ids: list[int], result: BenchResult, sensor, proxy, totals: RunTotals) -> None:
+    """One prompt in one mode: its record (or error), its energy and wire bytes added to `totals`."""
     from edge_app.energy import EnergyMeter
     from edge_app.link import CloudError
 
-    meter = EnergyMeter(sensor, auto_detect=False, figures=cfg.figures)
-    wire0 = (proxy.bytes_up, proxy.bytes_down) if proxy else None
     timeout = REPLY_TIMEOUT_S + 5.0 * cfg.max_new_tokens  # a hung pipeline must not hang the benchmark
     await _fresh_state(client)
+    meter = EnergyMeter(sensor, auto_detect=False, figures=cfg.figures)
+    wire0 = (proxy.bytes_up, proxy.bytes_down) if proxy else None
     meter.start()
-    for prompt, prompt_ids in zip(cfg.prompts, ids):
-        clock = CommitClock()
-        try:
-            answer = await asyncio.wait_for(
-                client.generate_ids(prompt_ids, _options(cfg, mode, cfg.max_new_tokens), clock), timeout)
-            result.records.append(record_from(mode, rtt, prompt, answer, clock))
-        except (CloudError, asyncio.TimeoutError, RuntimeError, ValueError) as err:
-            result.errors.append({"mode": mode, "rtt_ms": rtt, "prompt": prompt.label,
-                                  "error": f"{type(err).__name__}: {err}"})
-            await _reset_link(client)
-        progress(f"{mode}@{rtt:g}ms" if rtt is not None else mode, True)
+    clock = CommitClock()
+    try:
+        answer = await asyncio.wait_for(
+            client.generate_ids(prompt_ids, _options(cfg, mode, cfg.max_new_tokens), clock), timeout)
+        result.records.append(record_from(mode, rtt, prompt, answer, clock))
+    except (CloudError, asyncio.TimeoutError, RuntimeError, ValueError) as err:
+        result.errors.append({"mode": mode, "rtt_ms": rtt, "prompt": prompt.label,
+                              "error": f"{type(err).__name__}: {err}"})
+        await _reset_link(client)
+    totals.energy.append(meter.stop())
+    if wire0:
+        totals.wire_up += proxy.bytes_up - wire0[0]
+        totals.wire_down += proxy.bytes_down - wire0[1]
+
+
+def _run_info(client, result: BenchResult, mode: str, rtt: float | None, totals: RunTotals, wire: bool) -> dict:
+    """run_info of one (mode, rtt) run: its energy and wire bytes, and the client's estimates."""
     est = client.estimates
-    info = {"energy": meter.stop(), "client_t_rtt_est_s": est.t_rtt,
+    info = {"energy": sum_energy(totals.energy), "client_t_rtt_est_s": est.t_rtt,
             "t_verify_est_s": est.verify(max(1, round(_mean_block(result, mode, rtt)))) if est.verify else None,
             "verify_curve_s": dict(sorted(est.verify.points.items())),
             "acceptance_est": est.acceptance, "t_draft_est_s": est.t_draft, "t_cloud_est_s": est.t_cloud}
-    if wire0:
-        info.update(wire_bytes_up=proxy.bytes_up - wire0[0], wire_bytes_down=proxy.bytes_down - wire0[1])
-    result.run_info[(mode, rtt)] = info
+    if wire:
+        info.update(wire_bytes_up=totals.wire_up, wire_bytes_down=totals.wire_down)
+    return info
 
 
 def _mean_block(result: BenchResult, mode: str, rtt: float | None) -> float:

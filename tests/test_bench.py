@@ -259,6 +259,31 @@ def test_remote_url_parsing():
         remote_hostport("wss://example.org/ws")
 
 
+def test_modes_take_turns_prompt_by_prompt():
+    from bench.runner import mode_order
+
+    modes = ["cloud", "sync", "pipeline", "auto"]
+    orders = [mode_order(modes, i) for i in range(4)]
+    assert orders[0] == modes and orders[1] == ["sync", "pipeline", "auto", "cloud"]
+    # over as many prompts as modes, every mode runs once in every slot: none always runs first
+    for slot in range(4):
+        assert sorted(o[slot] for o in orders) == sorted(modes)
+    assert mode_order(modes, 4) == modes and mode_order([], 3) == []
+
+
+def test_a_runs_energy_is_the_sum_of_its_answers():
+    from bench.runner import sum_energy
+
+    est = {"joules": 2.0, "source": "estimate", "formula": "E = 1 * 2", "scope": "device", "wall_s": 2.0,
+           "detail": None}
+    total = sum_energy([est, {**est, "joules": 3.5, "wall_s": 3.0}])
+    assert total["joules"] == pytest.approx(5.5) and total["wall_s"] == pytest.approx(5.0)
+    assert total["source"] == "estimate"
+    # one answer without a measurement makes the run's total unknown, not an undercount
+    assert sum_energy([est, {**est, "joules": None}])["joules"] is None
+    assert sum_energy([])["source"] == "not measured"
+
+
 # -- the real thing (loads both models: tens of seconds) -----------------------------------------
 @pytest.mark.slow
 @pytest.mark.timeout(900)
