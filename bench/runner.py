@@ -254,17 +254,19 @@ def mode_order(modes: list[str], index: int) -> list[str]:
 
 @dataclass
 class RunTotals:
-    """What one (mode, rtt) run measured over its answers: energy reports and wire bytes, summed."""
+    """What one (mode, rtt) run measured over its answers: energy reports and wire bytes, summed,
+    and the client's estimates right after the mode's latest answer."""
 
     energy: list[dict] = field(default_factory=list)
     wire_up: int = 0
     wire_down: int = 0
+    estimates: dict = field(default_factory=dict)
 
 
 def sum_energy(reports: list[dict]) -> dict:
     """One energy report for a run from its answers' reports (edge_app.energy.EnergyMeter.stop):
-    joules and wall_s summed; source, formula and scope from the first (one meter setup per run);
-    joules None if any answer's were not measured."""
+    joules and wall_s summed, joules None if any answer's were not measured; source and scope from
+    the first (one meter setup per run), and an estimate's formula without one answer's numbers."""
     if not reports:
         return {"joules": None, "source": "not measured", "formula": None, "scope": None, "wall_s": 0.0,
                 "detail": None}
@@ -272,6 +274,8 @@ def sum_energy(reports: list[dict]) -> dict:
     out = dict(reports[0])
     out["joules"] = None if any(j is None for j in joules) else sum(joules)
     out["wall_s"] = sum(r.get("wall_s") or 0.0 for r in reports)
+    if len(reports) > 1 and out.get("formula"):
+        out["formula"] = f"{out['formula'].split(' = ')[0]}, summed over {len(reports)} answers"
     return out
 
 
@@ -287,8 +291,10 @@ async def _run_modes(client, cfg: BenchConfig, modes: list[str], rtt: float | No
         for mode in mode_order(modes, i):
             await _run_answer(client, cfg, mode, rtt, prompt, prompt_ids, result, sensor, proxy, totals[mode])
             progress(f"{mode}@{rtt:g}ms" if rtt is not None else mode, True)
-    for mode in modes:
-        result.run_info[(mode, rtt)] = _run_info(client, result, mode, rtt, totals[mode], proxy is not None)
+    for mode, t in totals.items():
+        result.run_info[(mode, rtt)] = {"energy": sum_energy(t.energy), **t.estimates}
+        if proxy is not None:
+            result.run_info[(mode, rtt)].update(wire_bytes_up=t.wire_up, wire_bytes_down=t.wire_down)
 
 
 async def _run_answer(client, cfg: BenchConfig, mode: str, rtt: float | None, prompt: BenchPrompt,
@@ -315,18 +321,17 @@ async def _run_answer(client, cfg: BenchConfig, mode: str, rtt: float | None, pr
     if wire0:
         totals.wire_up += proxy.bytes_up - wire0[0]
         totals.wire_down += proxy.bytes_down - wire0[1]
+    # the estimates as this mode left them (the client shares them with the modes that run next)
+    totals.estimates = _estimates(client, result, mode, rtt)
 
 
-def _run_info(client, result: BenchResult, mode: str, rtt: float | None, totals: RunTotals, wire: bool) -> dict:
-    """run_info of one (mode, rtt) run: its energy and wire bytes, and the client's estimates."""
+def _estimates(client, result: BenchResult, mode: str, rtt: float | None) -> dict:
+    """The client's estimates now, for run_info (t_verify at the mode's mean block so far)."""
     est = client.estimates
-    info = {"energy": sum_energy(totals.energy), "client_t_rtt_est_s": est.t_rtt,
+    return {"client_t_rtt_est_s": est.t_rtt,
             "t_verify_est_s": est.verify(max(1, round(_mean_block(result, mode, rtt)))) if est.verify else None,
             "verify_curve_s": dict(sorted(est.verify.points.items())),
             "acceptance_est": est.acceptance, "t_draft_est_s": est.t_draft, "t_cloud_est_s": est.t_cloud}
-    if wire:
-        info.update(wire_bytes_up=totals.wire_up, wire_bytes_down=totals.wire_down)
-    return info
 
 
 def _mean_block(result: BenchResult, mode: str, rtt: float | None) -> float:

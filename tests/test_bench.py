@@ -279,6 +279,8 @@ def test_a_runs_energy_is_the_sum_of_its_answers():
     total = sum_energy([est, {**est, "joules": 3.5, "wall_s": 3.0}])
     assert total["joules"] == pytest.approx(5.5) and total["wall_s"] == pytest.approx(5.0)
     assert total["source"] == "estimate"
+    # the formula no longer shows one answer's numbers beside the run's summed joules
+    assert total["formula"] == "E, summed over 2 answers"
     # one answer without a measurement makes the run's total unknown, not an undercount
     assert sum_energy([est, {**est, "joules": None}])["joules"] is None
     assert sum_energy([])["source"] == "not measured"
