@@ -49,7 +49,8 @@ def register(sub) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64, help="per answer (default 64)")
     g.add_argument("--modes", type=_modes, default=["edge", "cloud", "sync", "pipeline", "auto", "hf-assisted"],
                    help="comma-separated from edge, cloud, sync, pipeline, auto, branch (pipeline with branch "
-                        "pre-drafting), hf-assisted (default: all but branch)")
+                        "pre-drafting), uncut (pipeline with full blocks only), hf-assisted (default: all but "
+                        "branch and uncut)")
     g.add_argument("--block", type=int, default=None,
                    help="fixed drafted tokens per block (default adaptive; hf-assisted: num_assistant_tokens)")
     g = p.add_argument_group("emulated link")

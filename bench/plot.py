@@ -14,6 +14,7 @@ STYLE = {  # mode -> (colour, line style, label suffix)
     "pipeline": ("#d62728", "-", " (PicoSpec, fixed)"),
     "auto": ("#ff7f0e", "-", " (PicoSpec default)"),
     "branch": ("#8c564b", "-.", " (pipeline + branch pre-drafting)"),
+    "uncut": ("#7f7f7f", ":", " (pipeline, blocks never cut early)"),
     "hf-assisted": ("#2ca02c", "--", " (co-located, no network)"),
     "edge": ("#9467bd", ":", " (draft alone, NOT target quality)"),
 }

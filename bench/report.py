@@ -21,9 +21,9 @@ from edge_app.meters import percentile
 from edge_app.policy import pipeline_rate, sync_rate
 from edge_app.stats import acceptance_rate
 
-SPECULATIVE = ("sync", "pipeline", "auto", "branch", "hf-assisted")  # must reproduce cloud-only's greedy ids
+SPECULATIVE = ("sync", "pipeline", "auto", "branch", "uncut", "hf-assisted")  # must reproduce cloud-only's greedy ids
 LINK_FREE = ("edge", "hf-assisted")  # measured once, reported on every rtt row
-MODE_ORDER = ("cloud", "sync", "pipeline", "branch", "auto", "hf-assisted", "edge")
+MODE_ORDER = ("cloud", "sync", "uncut", "pipeline", "branch", "auto", "hf-assisted", "edge")
 BREAK_EVEN_MAX_S = 60.0  # beyond a minute of RTT nobody runs interactive decoding
 
 

@@ -24,9 +24,10 @@ from bench.linkproxy import LinkConfig, ThreadedLinkProxy
 from bench.prompt_sets import BenchPrompt
 from bench.report import tpot_samples
 
-LINK_MODES = ("cloud", "sync", "pipeline", "auto", "branch")
-ALL_MODES = ("edge", "cloud", "sync", "pipeline", "auto", "branch", "hf-assisted")
-# "branch": the pipeline with branch pre-drafting (edge_app/branches.py), to measure what it gains
+LINK_MODES = ("cloud", "sync", "pipeline", "auto", "branch", "uncut")
+ALL_MODES = ("edge", "cloud", "sync", "pipeline", "auto", "branch", "uncut", "hf-assisted")
+# "branch": the pipeline with branch pre-drafting (edge_app/branches.py), to measure what it gains;
+# "uncut": the pipeline with full blocks only (no early send after an unsure token: cut_below 0)
 WARMUP_TOKENS = 8
 WARMUP_PROMPT = "Say hello in one short sentence."
 REPLY_TIMEOUT_S = 900.0
@@ -111,7 +112,8 @@ def record_from(mode: str, rtt_ms: float | None, prompt: BenchPrompt, answer, cl
             "meters_tpot_ms": edge.get("tpot_ms"), "reconnects": getattr(s, "reconnects", 0),
             "edge_only_tokens": getattr(s, "edge_only_tokens", 0), "category": prompt.set_name,
             "filled": getattr(s, "filled", 0), "mode_switches": list(getattr(s, "mode_switches", [])),
-            "branches": getattr(s, "branches", 0), "branch_hits": getattr(s, "branch_hits", 0)}
+            "branches": getattr(s, "branches", 0), "branch_hits": getattr(s, "branch_hits", 0),
+            "cut_blocks": getattr(s, "cut_blocks", 0)}
 
 
 def hf_record(event: dict, prompt: BenchPrompt) -> dict:
@@ -207,6 +209,9 @@ def _options(cfg: BenchConfig, mode: str, max_new: int):
     if mode == "branch":
         return GenerateOptions(max_new_tokens=max_new, params=SamplingParams(), mode="pipeline", block=cfg.block,
                                branch=True)
+    if mode == "uncut":
+        return GenerateOptions(max_new_tokens=max_new, params=SamplingParams(), mode="pipeline", block=cfg.block,
+                               cut_below=0.0)
     return GenerateOptions(max_new_tokens=max_new, params=SamplingParams(), mode=mode, block=cfg.block)
 
 

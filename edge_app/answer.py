@@ -35,6 +35,13 @@ class GenerateOptions:
     stop_ids: tuple[int, ...] = ()
     branch: bool = False  # while waiting, pre-draft after the likeliest rejection (edge_app/branches.py)
     branch_len: int = 4  # tokens drafted on a branch
+    # pipeline: a block goes up right after a drafted token the draft model gave less than this
+    # probability (where a rejection is likely), without waiting to fill the block; 0 turns it off
+    cut_below: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.cut_below <= 1.0:
+            raise ValueError(f"cut_below is a probability in [0, 1], got {self.cut_below}")
 
 
 @dataclass
@@ -61,6 +68,7 @@ class GenerationStats:
     branch_hits: int = 0  # branches that became the main line
     mode_switches: list[str] = field(default_factory=list)
     block_sizes: list[int] = field(default_factory=list)
+    cut_blocks: int = 0  # blocks sent early after an unsure draft token (GenerateOptions.cut_below)
     verify_s: list[float] = field(default_factory=list)
     edge: dict = field(default_factory=dict)
 
@@ -80,6 +88,7 @@ class GenerationStats:
             "branches": self.branches,
             "branch_tokens": self.branch_tokens,
             "branch_hits": self.branch_hits,
+            "cut_blocks": self.cut_blocks,
             "mode_switches": list(self.mode_switches),
             "edge_only_tokens": self.edge_only_tokens,
             "bytes_up": self.bytes_up,

@@ -59,6 +59,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run-ahead", type=int, default=None, help="most unverified drafted tokens (default: 2 x block)")
     g.add_argument("--branch", action="store_true",
                    help="while waiting on a verdict, pre-draft after the likeliest rejection (off by default)")
+    g.add_argument("--cut-below", type=float, default=0.5, metavar="P",
+                   help="pipeline: send a block early after a drafted token the draft model gives less than this "
+                        "probability, where a rejection is likely (default 0.5; 0 turns it off)")
 
 
 def edge_config_kwargs(args: argparse.Namespace) -> dict:
@@ -74,7 +77,8 @@ def generate_kwargs(args: argparse.Namespace) -> dict:
     """The sampling flags as keyword arguments of PicoSpec.generate(...)."""
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, seed=args.seed, mode=args.mode, variant=args.variant,
-                paper_top_k=args.paper_top_k, block=args.block, run_ahead=args.run_ahead)
+                paper_top_k=args.paper_top_k, block=args.block, run_ahead=args.run_ahead,
+                cut_below=args.cut_below)
 
 
 def generate_options(args: argparse.Namespace):
@@ -85,4 +89,5 @@ def generate_options(args: argparse.Namespace):
     params = SamplingParams(args.temperature, args.top_p, args.top_k, args.seed).validate()
     return GenerateOptions(max_new_tokens=args.max_new_tokens, params=params, mode=args.mode,
                            variant=args.variant, paper_top_k=args.paper_top_k, block=args.block,
-                           run_ahead=args.run_ahead, branch=getattr(args, "branch", False))
+                           run_ahead=args.run_ahead, branch=getattr(args, "branch", False),
+                           cut_below=args.cut_below)

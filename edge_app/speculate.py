@@ -29,7 +29,7 @@ from edge_app.answer import AnswerState
 from edge_app.branches import Branch, least_confident, runner_up
 from edge_app.draft_model import DraftModel, draft_sample, draft_step, resync
 from edge_app.link import CloudLink
-from edge_app.policy import Estimates, Plan, ema
+from edge_app.policy import Estimates, Plan, cuts_block, ema, token_confidence
 from edge_app.stats import acceptance_rate
 from edge_app.variants import ExactVariant, PaperVariant
 from sampling import SparseDist
@@ -152,7 +152,7 @@ class SpeculativeLoop:
         loop = asyncio.get_running_loop()
         t0 = time.perf_counter()
         with self.meters.phase("draft"):
-            token, dist, rival = await loop.run_in_executor(None, self._draft_one, False)
+            token, dist, rival, unsure = await loop.run_in_executor(None, self._draft_one, False)
             if rival is not None:
                 self.rivals[len(self.committed) + len(self.drafted)] = rival
             self.drafted.append(token)
@@ -161,17 +161,24 @@ class SpeculativeLoop:
             if token in self.opt.stop_ids or self.answer.generated + len(self.drafted) >= self.opt.max_new_tokens:
                 self.stop_drafting = True
             unsent = len(self.drafted) - self.sent
-            if self._may_send() and (unsent >= self.plan.block or self.stop_drafting):
+            full = unsent >= self.plan.block or self.stop_drafting
+            if self._may_send() and (full or unsure):
+                self.stats.cut_blocks += not full
                 await self._send_block(wait=self.plan.mode == "sync" or self.stop_drafting)
             await loop.run_in_executor(None, self.drafter.feed, [token])
         self.est.t_draft = ema(self.est.t_draft, time.perf_counter() - t0, 0.2)
 
-    def _draft_one(self, feed: bool = True) -> tuple[int, SparseDist, tuple[int, float] | None]:
+    def _draft_one(self, feed: bool = True) -> tuple[int, SparseDist, tuple[int, float] | None, bool]:
         """Sample one token from the quantised draft distribution and (with `feed`) feed it (worker
-        thread); with branching on, also the runner-up token and its logit margin."""
+        thread). Also: with branching on, the runner-up token and its logit margin; and whether the
+        pipeline should send its block now because the draft model is unsure of the token."""
         token, dist, logits = (draft_step if feed else draft_sample)(self.drafter, self.opt.params, self.rng)
         rival = runner_up(logits, token) if self.opt.branch else None
-        return token, dist, rival
+        unsure = False
+        if self.plan.mode == "pipeline" and self.opt.cut_below > 0:
+            temperature = 1.0 if self.opt.params.greedy else self.opt.params.temperature
+            unsure = cuts_block(token_confidence(logits, token, temperature), self.opt.cut_below)
+        return token, dist, rival, unsure
 
     # -- branch pre-drafting (edge_app/branches.py) -------------------------------------------
     async def _grow_branch(self) -> bool:
@@ -192,7 +199,7 @@ class SpeculativeLoop:
             return True
         if len(self.branch.tokens) >= self.opt.branch_len:
             return False
-        token, dist, _ = await self._drafter_call("draft", self._draft_one)
+        token, dist, _, _ = await self._drafter_call("draft", self._draft_one)
         self.branch.tokens.append(token)
         self.branch.dists.append(dist)
         self.stats.branch_tokens += 1

@@ -41,14 +41,15 @@ class PicoSpec:
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  seed: int | None = None, n: int = 1, mode: str = "auto", variant: str = "exact",
                  paper_top_k: int = 8, block: int | None = None, run_ahead: int | None = None,
-                 on_commit=None) -> dict:
+                 cut_below: float = 0.5, on_commit=None) -> dict:
         """Generate n completions; prompt is text (chat-templated unless raw) or token ids."""
         return self._call(generate_async(
             self.client, prompt, raw=raw, system=system, n=n, on_commit=on_commit,
             options=GenerateOptions(
                 max_new_tokens=max_new_tokens,
                 params=SamplingParams(temperature, top_p, top_k, seed).validate(),
-                mode=mode, variant=variant, paper_top_k=paper_top_k, block=block, run_ahead=run_ahead)))
+                mode=mode, variant=variant, paper_top_k=paper_top_k, block=block, run_ahead=run_ahead,
+                cut_below=cut_below)))
 
     def close(self) -> None:
         try:

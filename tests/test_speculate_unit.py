@@ -226,3 +226,53 @@ def test_a_completed_block_goes_up_before_its_last_token_is_fed_to_the_drafter()
     asyncio.run(loop.run())
     assert answer.committed == [1, 2, 3] + [4 + i for i in range(9)]
     assert drafter_len_at_send and all(fed == end - 1 for end, fed in drafter_len_at_send)
+
+
+class UnsureDrafter(CountingDrafter):
+    """Drafts last token + 1 like CountingDrafter, but is unsure (top probability ~0.35) of every
+    token that is a multiple of 5."""
+
+    def logits(self):
+        out = super().logits()
+        nxt = (self._tokens[-1] + 1) % V
+        if nxt % 5 == 0:
+            out[nxt] = 1.0
+            out[(nxt + 7) % V] = 0.6  # a close rival
+        return out
+
+
+def _sent_blocks(mode: str, cut_below: float, block: int = 4) -> tuple[list[list[int]], AnswerState]:
+    link = ScriptedLink(accept_all(1))
+    opts = GenerateOptions(max_new_tokens=16, block=block, run_ahead=2 * block if mode == "pipeline" else block,
+                           mode=mode, stop_ids=(), cut_below=cut_below)
+    answer = AnswerState([1, 2, 3], opts, GenerationStats(mode=mode), EdgeMeters())
+    loop = SpeculativeLoop(answer, UnsureDrafter(), link, Estimates(), ExactVariant(), np.random.default_rng(0), mode)
+    asyncio.run(loop.run())
+    return [list(m.ids) for m in link.drafts()], answer
+
+
+def test_the_pipeline_sends_a_block_right_after_a_token_the_draft_model_is_unsure_of():
+    """A rejection is likely at an unsure token: drafting on past it would only delay the pass that
+    finds it. The block goes up at once; the tokens after it go up in the next block."""
+    cut, answer = _sent_blocks("pipeline", cut_below=0.5)
+    full, answer_full = _sent_blocks("pipeline", cut_below=0.0)
+    assert answer.committed == answer_full.committed == [1, 2, 3] + list(range(4, 20))
+    # the cloud's first token is 4; drafts start at 5 (unsure), then 6..9, 10 (unsure), ...
+    assert cut[:3] == [[5], [6, 7, 8, 9], [10]]
+    assert all(len(b) == 4 for b in full[:-1])  # off: full blocks only
+    assert answer.stats.cut_blocks == sum(1 for b in cut if b[-1] % 5 == 0 and len(b) < 4) > 0
+    assert answer_full.stats.cut_blocks == 0
+
+
+def test_sync_keeps_its_fixed_blocks_whatever_the_draft_model_thinks():
+    """Sync is the vanilla baseline: one block size, never cut."""
+    blocks, answer = _sent_blocks("sync", cut_below=0.5)
+    assert answer.committed == [1, 2, 3] + list(range(4, 20))
+    assert all(len(b) == 4 for b in blocks[:-1]) and answer.stats.cut_blocks == 0
+
+
+def test_cut_below_is_a_probability():
+    import pytest
+
+    with pytest.raises(ValueError, match="cut_below"):
+        GenerateOptions(cut_below=1.5)
