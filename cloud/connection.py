@@ -53,6 +53,21 @@ class Conn:
         self.cost -= op_cost(op)
         return op
 
+    def pop_branches(self) -> list:
+        """The branch Drafts (Draft.root set) waiting in ops, taken out of turn: a branch moves no
+        position, and one that arrived during a pass must be known before that pass's verdict
+        (its recovered token may be the branch's root). The other ops keep their order."""
+        taken, ops, arrivals = [], collections.deque(), collections.deque()
+        for op, at in zip(self.ops, self.arrivals):
+            if getattr(op, "root", None) is not None:
+                taken.append(op)
+                self.cost -= op_cost(op)
+            else:
+                ops.append(op)
+                arrivals.append(at)
+        self.ops, self.arrivals = ops, arrivals
+        return taken
+
     def log(self, level: int, event: str, text: str, **fields) -> None:
         """A log line about this session, its id in a field of its own (see cloud/logs.py)."""
         log.log(level, "session %s %s", self.sid, text, extra={"session": self.sid, "event": event, **fields})

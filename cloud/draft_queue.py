@@ -33,12 +33,13 @@ class Block:
     q_scalar: list[float] | None = None
     wait: bool = False
     seq: int = 0
+    root: int | None = None  # a branch (codec.Draft.root): verified only if root is recovered at pos - 1
 
     @classmethod
     def from_draft(cls, msg: codec.Draft) -> "Block":
         return cls(msg.epoch, msg.pos, list(msg.ids), msg.forced,
                    list(msg.dists) if msg.dists is not None else None,
-                   list(msg.q_scalar) if msg.q_scalar is not None else None, msg.wait, msg.seq)
+                   list(msg.q_scalar) if msg.q_scalar is not None else None, msg.wait, msg.seq, msg.root)
 
     @property
     def drafted(self) -> list[int]:

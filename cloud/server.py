@@ -33,7 +33,8 @@ COUNTERS = ("picospec_sessions_total", "picospec_verify_passes_total", "picospec
             "picospec_accepted_tokens_total", "picospec_bytes_up_total", "picospec_bytes_down_total",
             "picospec_messages_up_total", "picospec_messages_down_total", "picospec_evictions_total",
             "picospec_rate_limited_total", "picospec_connections_lost_total", "picospec_prefill_tokens_total",
-            "picospec_generated_tokens_total", "picospec_filled_tokens_total", "picospec_stale_drafts_total")
+            "picospec_generated_tokens_total", "picospec_filled_tokens_total", "picospec_stale_drafts_total",
+            "picospec_branches_taken_total")
 
 
 @dataclass(frozen=True)

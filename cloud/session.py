@@ -25,6 +25,7 @@ from cloud.verify import ExactRule
 from sampling import SamplingParams
 
 NO_FILL = NoFill()
+MAX_BRANCHES = 4  # branches a session holds for its current epoch; a newer one replaces the oldest
 
 
 def make_rule(variant: str, params: SamplingParams, paper_top_k: int = 8, impl: str = "numpy") -> ExactRule:
@@ -56,6 +57,9 @@ class VerifySession:
         self.pending_row: torch.Tensor | None = None  # [V] on the target's device; see cloud/verify.py
         self.epoch = 0
         self.queue = DraftQueue(max_queued_entries)
+        # branches of the current epoch, by (position, root): see add_branch / take_branch
+        self.branches: dict[tuple[int, int], Block] = {}
+        self.branches_taken = 0
         self.fill: NoFill = NO_FILL
         self.fill_timing = FillTiming()  # bubbles measured on this session, for every answer's filling
         # counters for /metrics and the close log
@@ -110,6 +114,7 @@ class VerifySession:
         self.fill = BubbleFill(self.fill_timing) if fill and self.rule.allows_fill else NO_FILL
         self.epoch += 1
         self.queue.clear()
+        self.branches.clear()
         return self.commit_next_token() if max_new_tokens > 0 and self.rule.first_token_from_prefill else None
 
     # -- drafts --------------------------------------------------------------------------------
@@ -121,6 +126,8 @@ class VerifySession:
             return False
         if not self.prompt_len:
             raise SessionError("bad_message", "a draft arrived before any prompt")
+        if block.root is not None:
+            return self.add_branch(block)
         if not self.queue:
             stripped = self.fill.overlap(block, self.committed)
             if stripped is None:
@@ -137,10 +144,46 @@ class VerifySession:
     def take_block(self, max_block: int) -> Block | None:
         return self.queue.take(max_block)
 
+    # -- branches: drafts for the likeliest recovered token, verified without a round trip -------
+    def add_branch(self, block: Block) -> bool:
+        """Keep a branch (a Draft with a root) of the current epoch aside; False if its root's
+        position is committed already (it came too late). Checked like a queued block, and held
+        in a bounded number: the newest MAX_BRANCHES, one per (position, root)."""
+        root_pos = block.pos - 1
+        if root_pos < len(self.committed):
+            return False
+        if block.end > self.max_context:
+            raise SessionError("too_large", "the branch runs past the context limit")
+        if not self.rule.allows_fill:  # the paper variant recovers on the edge: nothing to take
+            raise SessionError("bad_message", "branches need the exact variant")
+        self.rule.check(block, queue_empty=False)
+        if block.entries > self.queue.max_entries // (2 * MAX_BRANCHES):
+            raise SessionError("overloaded", "the branch holds too many drafted tokens")
+        self.branches.pop((root_pos, block.root), None)
+        self.branches[(root_pos, block.root)] = block
+        while len(self.branches) > MAX_BRANCHES:
+            self.branches.pop(next(iter(self.branches)))
+        return True
+
+    def pop_branch(self, pos: int, token: int) -> Block | None:
+        """The branch drafted after `token` at `pos`, if the edge sent one (before a correction
+        that commits `token` there makes the epoch move on)."""
+        return self.branches.pop((pos, token), None)
+
+    def queue_branch(self, branch: Block) -> int:
+        """After the correction: the branch becomes the next pass's block, in the new epoch;
+        returns its seq (Verdict.branch)."""
+        branch.root, branch.epoch = None, self.epoch
+        self.queue.push(branch, len(self.committed), self.max_context)
+        self.fill.close_bubble()  # no turnaround of the edge's to time
+        self.branches_taken += 1
+        return branch.seq
+
     def correct(self) -> None:
         """The committed prefix no longer follows the edge's drafts: they are all stale."""
         self.epoch += 1
         self.queue.clear()
+        self.branches.clear()
         self.fill.open_bubble()
 
     # -- target tokens of the cloud's own: Prefilled, filled and cloud-only tokens ---------------

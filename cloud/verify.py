@@ -55,6 +55,7 @@ class PassResult:
     top_ids: list[int] | None = None  # the target's top-K at the rejection (paper variant)
     top_probs: list[float] | None = None
     verify_s: float = 0.0  # the pass's seconds on the worker
+    branch: int = 0  # seq of the branch the recovered token took (queued for the next pass)
 
 
 @dataclass
@@ -195,7 +196,13 @@ def apply_pass(session: VerifySession, block: Block, result: PassResult) -> int:
     session.accepted += result.accepted
     session.rule.observe(result.kind)
 
-    # 9. a token the edge did not draft makes every later draft stale: a new epoch
+    # 9. a token the edge did not draft makes every later draft stale: a new epoch; a branch the
+    # edge drafted after exactly this recovered token goes on in it, verified without a round trip
     if result.kind.corrects:
+        branch = None
+        if result.kind is VerdictKind.RECOVERED:
+            branch = session.pop_branch(len(session.committed) - 1, result.token)
         session.correct()
+        if branch is not None:
+            result.branch = session.queue_branch(branch)
     return session.epoch

@@ -116,16 +116,21 @@ class WorkLoop:
             work = Work("verify", session, pass_feed(session, block), lambda rows: decide_pass(session, block, rows))
             result = await self.scheduler.submit(work)
             result.verify_s = work.ran_s
+            for branch in conn.pop_branches():  # sent during the pass: this verdict may take one
+                self.queue_draft(branch)
             epoch = apply_pass(session, block, result)
             m.inc("picospec_verify_passes_total")
             m.inc("picospec_drafted_tokens_total", len(block.drafted))
             m.inc("picospec_accepted_tokens_total", result.accepted)
             m.observe("picospec_verify_seconds", result.verify_s)
             m.observe("picospec_verify_wait_seconds", work.waited_s)  # behind other sessions' work
+            if result.branch:
+                m.inc("picospec_branches_taken_total")
             await send(conn, codec.Verdict(
                 epoch=block.epoch, pos=block.pos, accepted=result.accepted, token=result.token,
                 kind=result.kind, new_epoch=epoch, verify_s=result.verify_s,
-                top_ids=result.top_ids, top_probs=result.top_probs, seq=block.seq, fed=result.fed), m)
+                top_ids=result.top_ids, top_probs=result.top_probs, seq=block.seq, fed=result.fed,
+                branch=result.branch), m)
 
     # -- nothing to verify -> filled Tokens ----------------------------------------------------
     async def fill_one(self) -> None:

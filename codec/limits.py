@@ -6,8 +6,9 @@ session needs, and every one of them is checked before the memory it guards is s
 from __future__ import annotations
 
 # 2: VerdictKind names, Tokens.epoch, no Draft.flush
-PROTOCOL_VERSION = 2
-SUPPORTED_VERSIONS: tuple[int, ...] = (2,)
+# 3: branches (Draft.root, Verdict.branch)
+PROTOCOL_VERSION = 3
+SUPPORTED_VERSIONS: tuple[int, ...] = (3,)
 
 # Bytes of one frame as it arrives, and of the msgpack body after inflating it. The largest real
 # message is a 64-token sampled Draft with wide supports: each weight is >= 1 out of

@@ -121,6 +121,11 @@ class Draft:
     id; q_scalar: [len(ids)] q(id) in (0, 1] (paper variant); greedy sends neither. A forced id
     counts too (a point mass, or 1.0). forced: how many leading ids are already decided (0 or 1).
     wait: see below (last, so the positional order stays).
+
+    root: set, the Draft is a branch: ids were drafted after the token `root` standing at
+    position pos - 1 instead of the drafted id there (the draft model's runner-up at a position it
+    was unsure of). The verifier keeps it aside and verifies it only if a verdict recovers exactly
+    `root` at pos - 1; the Verdict then names the branch's seq (Verdict.branch).
     """
 
     epoch: int
@@ -131,6 +136,7 @@ class Draft:
     forced: int = 0
     seq: int = 0
     wait: bool = False  # the edge has stopped drafting: a block accepted whole earns a bonus token
+    root: int | None = None  # a branch: the token it assumes at pos - 1 (see above)
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,7 @@ class Verdict:
     top_probs: list[float] | None = None
     seq: int = 0
     fed: int = 0  # tokens the verify pass fed (its size k: the edge learns T(k) from verify_s)
+    branch: int = 0  # seq of the branch Draft this verdict's recovered token took (queued next), 0: none
 
     def __post_init__(self) -> None:
         # a kind outside the enum is left as it is, for encode to refuse with a CodecError
@@ -202,6 +209,8 @@ Message = Union[Hello, Welcome, Prompt, Prefilled, Draft, Verdict, Generate, Tok
 
 def _check_draft(m: Draft, vocab_size: int | None) -> None:
     n = len(m.ids)
+    if m.root is not None and (m.forced or m.pos == 0 or not n or not m.seq):
+        raise bad_message("Draft.root", "a branch has a seq, drafted ids after its root, and no forced id")
     if m.forced > n:
         raise bad_message("Draft.forced", f"{m.forced} forced ids but only {n} ids")
     if m.dists is not None and m.q_scalar is not None:
@@ -288,14 +297,14 @@ _SCHEMAS = (
             dists=("d", F.dist_list(MAX_BLOCK)),
             q_scalar=("q", F.prob_list(MAX_BLOCK, lo_open=True)),
             forced=("f", F.uint(1)), seq=("s", F.uint()),
-            wait=("w", F.flag())),
+            wait=("w", F.flag()), root=("r", F.token_id(nullable=True))),
     _schema(Verdict, 6, _check_verdict,
             epoch=("e", F.uint()), pos=("p", F.uint()), accepted=("a", F.uint(MAX_BLOCK)),
             token=("o", F.token_id(nullable=True)), kind=("k", F.choice(VERDICT_KINDS)),
             new_epoch=("n", F.uint()), verify_s=("vs", F.seconds()),
             top_ids=("ti", F.id_list(MAX_TOP_K, nullable=True)),
             top_probs=("tp", F.prob_list(MAX_TOP_K, lo_open=False)), seq=("s", F.uint()),
-            fed=("fd", F.uint(MAX_PROMPT + MAX_BLOCK))),
+            fed=("fd", F.uint(MAX_PROMPT + MAX_BLOCK)), branch=("b", F.uint())),
     _schema(Generate, 7, _no_check, max_new_tokens=("n", F.uint())),
     _schema(Tokens, 8, _no_check,
             pos=("p", F.uint()), ids=("i", F.id_list(MAX_PROMPT)), done=("z", F.flag()),

@@ -34,7 +34,7 @@ class GenerateOptions:
     run_ahead: int | None = None  # max unverified drafted tokens; None = 2 x block
     stop_ids: tuple[int, ...] = ()
     branch: bool = False  # while waiting, pre-draft after the likeliest rejection (edge_app/branches.py)
-    branch_len: int = 4  # tokens drafted on a branch
+    branch_len: int = 3  # tokens drafted on a branch
     # pipeline: a block goes up right after a drafted token the draft model gave less than this
     # probability (where a rejection is likely), without waiting to fill the block; 0 turns it off
     cut_below: float = 0.5
@@ -66,6 +66,8 @@ class GenerationStats:
     branches: int = 0  # branches pre-drafted while waiting
     branch_tokens: int = 0
     branch_hits: int = 0  # branches that became the main line
+    branches_sent: int = 0  # branches sent up for the verifier to hold
+    branches_taken: int = 0  # ... that the verifier took and verified with no round trip
     mode_switches: list[str] = field(default_factory=list)
     block_sizes: list[int] = field(default_factory=list)
     cut_blocks: int = 0  # blocks sent early after an unsure draft token (GenerateOptions.cut_below)
@@ -88,6 +90,8 @@ class GenerationStats:
             "branches": self.branches,
             "branch_tokens": self.branch_tokens,
             "branch_hits": self.branch_hits,
+            "branches_sent": self.branches_sent,
+            "branches_taken": self.branches_taken,
             "cut_blocks": self.cut_blocks,
             "mode_switches": list(self.mode_switches),
             "edge_only_tokens": self.edge_only_tokens,

@@ -28,6 +28,8 @@ class Branch:
     root: int
     tokens: list[int] = field(default_factory=list)
     dists: list[SparseDist] = field(default_factory=list)
+    done: bool = False  # complete: sent up (or could not be), no more tokens
+    seq: int = 0  # the Draft it went up in (0: not sent)
 
 
 def runner_up(logits: np.ndarray, chosen: int) -> tuple[int, float]:

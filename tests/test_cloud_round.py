@@ -172,3 +172,58 @@ def test_over_the_wire_prefilled_token_and_tokens_carry_the_epoch(target, ref):
     assert [t.ids[0] for t in tokens] == ref[1:5] and tokens[-1].done
     assert [t.pos for t in tokens] == list(range(len(PROMPT) + 1, len(PROMPT) + 5))
     assert {t.epoch for t in tokens} == {prefilled.epoch}
+
+
+# -- branches: drafts after the runner-up, verified without a round trip -----------------------
+def _branch(s: VerifySession, root_pos: int, root: int, ids, seq: int, epoch=None) -> bool:
+    return s.add_draft(Block(s.epoch if epoch is None else epoch, root_pos + 1, list(ids), seq=seq, root=root))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_branch_after_the_recovered_token_is_verified_next_in_the_new_epoch(target, ref, impl):
+    s, _ = start(target, impl=impl)
+    wrong = (ref[2] + 1) % VOCAB
+    pos2 = len(PROMPT) + 2  # where the rejection will be
+    assert _branch(s, pos2, ref[2], ref[3:6], seq=9)  # foresaw the recovered token: taken
+    assert _branch(s, pos2, (ref[2] + 5) % VOCAB, [1, 2], seq=10)  # another root there: dropped
+    block, r, epoch = run_pass(s, [ref[1], wrong, 7])
+    assert (r.kind, r.token, r.branch) == (VerdictKind.RECOVERED, ref[2], 9) and epoch == s.epoch == 2
+    assert not s.branches  # the rest went with the old epoch
+    nxt = s.take_block(16)  # the branch is the next pass's block, without any Draft from the edge
+    assert (nxt.pos, nxt.ids, nxt.epoch, nxt.root, nxt.seq) == (pos2 + 1, ref[3:6], 2, None, 9)
+    result = verify_pass(s, nxt)
+    apply_pass(s, nxt, result)
+    assert result.accepted == 3 and s.committed == PROMPT + ref[:6]
+
+
+def test_a_branch_is_dropped_when_its_root_is_not_what_the_cloud_recovers(target, ref):
+    s, _ = start(target)
+    wrong = (ref[2] + 1) % VOCAB
+    assert _branch(s, len(PROMPT) + 1, (ref[1] + 3) % VOCAB, [4, 4], seq=5)  # a root whose position is accepted
+    block, r, _ = run_pass(s, [ref[1], wrong])
+    assert r.branch == 0 and not s.queue and not s.branches
+
+
+def test_a_late_or_stale_branch_is_ignored_and_a_bad_one_refused(target, ref):
+    s, _ = start(target)
+    run_pass(s, [ref[1], ref[2]])  # accepted whole: positions up to PROMPT + 3 are committed
+    assert not _branch(s, len(PROMPT) + 1, 3, [4], seq=2)  # its root's position is decided already
+    assert not _branch(s, len(s.committed), 3, [4], seq=3, epoch=s.epoch - 1)  # another epoch
+    with pytest.raises(SessionError, match="context"):
+        _branch(s, s.max_context - 1, 3, [4, 5], seq=4)
+    paper, _ = start(target, variant="paper")
+    with pytest.raises(SessionError, match="exact variant"):
+        _branch(paper, len(paper.committed), 3, [4], seq=5)
+    sampled, _ = start(target, params=SamplingParams(temperature=1.0, seed=0))
+    with pytest.raises(SessionError, match="distributions"):
+        _branch(sampled, len(sampled.committed), 3, [4], seq=6)
+
+
+def test_a_session_holds_a_bounded_number_of_branches(target):
+    from cloud.session import MAX_BRANCHES
+
+    s, _ = start(target)
+    for i in range(3 * MAX_BRANCHES):
+        assert _branch(s, len(s.committed) + i, 3, [4], seq=i + 1)
+    assert len(s.branches) == MAX_BRANCHES
+    assert sorted(b.seq for b in s.branches.values()) == list(range(2 * MAX_BRANCHES + 1, 3 * MAX_BRANCHES + 1))

@@ -418,12 +418,13 @@ def test_ext_types_and_deep_nesting_are_refused():
 
 def test_wrong_version_says_which_versions_are_spoken():
     err = refused(raw({"v": 7, "t": 7, "n": 1}), "bad_version")
-    assert err.message == "protocol version 7 not supported; this side speaks 2"
-    assert str(err) == "bad_version: protocol version 7 not supported; this side speaks 2"
-    assert "speaks 2" in refused(raw({"t": 7, "n": 1}), "bad_version").message
+    assert err.message == "protocol version 7 not supported; this side speaks 3"
+    assert str(err) == "bad_version: protocol version 7 not supported; this side speaks 3"
+    assert "speaks 3" in refused(raw({"t": 7, "n": 1}), "bad_version").message
     refused(raw({"v": True, "t": 7, "n": 1}), "bad_version")
     refused(raw({"v": "2", "t": 7, "n": 1}), "bad_version")
     refused(raw({"v": 1, "t": 7, "n": 1}), "bad_version")  # version 1 had other verdict kinds
+    refused(raw({"v": 2, "t": 7, "n": 1}), "bad_version")  # version 2 knew no branches
     # the version is read before the type: a newer peer's new message types say "version"
     refused(raw({"v": PROTOCOL_VERSION + 1, "t": 99}), "bad_version")
 
@@ -572,3 +573,13 @@ def test_codec_imports_neither_side():
     probe = f"import sys, codec; print([m for m in sys.modules if m.split('.')[0] in {sides}])"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_branch_draft_round_trips_and_needs_a_seq_and_no_forced_id():
+    branch = Draft(epoch=3, pos=40, ids=[5, 6], seq=7, root=99)
+    assert decode(encode(branch)) == branch
+    assert decode(encode(Verdict(epoch=3, pos=38, accepted=1, token=99, kind="recovered",
+                                 new_epoch=4, branch=7))).branch == 7
+    for bad in (dict(seq=0), dict(forced=1), dict(ids=[])):
+        with pytest.raises(CodecError):
+            encode(Draft(**{**dict(epoch=3, pos=40, ids=[5, 6], seq=7, root=99), **bad}))

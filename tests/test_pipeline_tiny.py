@@ -345,6 +345,27 @@ def test_branch_predrafting_stays_exact_and_sometimes_foresees_the_recovered_tok
     assert branches > 0 and 0 < hits <= branches
 
 
+@pytest.mark.parametrize("fill", [False, True])
+def test_branches_the_verifier_takes_are_verified_without_a_round_trip_and_stay_exact(target, fill):
+    """Over a link with a real delay, the verifier holds the edge's branches: when a pass recovers
+    a branch's root, the branch is verified next, before the edge could have sent anything, and the
+    text is still the target's, token for token."""
+    from bench.linkproxy import LinkConfig, ThreadedLinkProxy
+
+    engine = SlowEngine(target)
+    engine.delay_s = 0.08 if fill else 0.02  # (a faster pass would fill every bubble on its own)
+    taken = sent = 0
+    with ServerThread(engine) as s:
+        with ThreadedLinkProxy("127.0.0.1", s.port, LinkConfig(delay_ms=30)) as proxy:
+            drafter = TinyDrafter(perturbed(target, 1.0))
+            for prompt in PROMPTS:
+                ans = generate(f"ws://127.0.0.1:{proxy.port}/ws", drafter, prompt, max_new_tokens=40, block=3,
+                               branch=True, fill=fill)
+                assert ans.token_ids == reference(target, prompt, 40)
+                taken, sent = taken + ans.stats.branches_taken, sent + ans.stats.branches_sent
+    assert 0 < taken <= sent
+
+
 def test_auto_with_bubble_filling_keeps_the_pipeline_even_when_drafting_looks_slow(server, target):
     """With filling the pipeline cannot be slower than cloud-only: auto does not hand over."""
     from edge_app.policy import Estimates
