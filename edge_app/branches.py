@@ -1,12 +1,15 @@
-"""Branch pre-drafting: use the edge's idle wait to prepare for the likeliest rejection.
+"""Branch pre-drafting: prepare for the likeliest rejection while a block is in flight.
 
-When the pipeline has reached its run-ahead and would only wait for a verdict, the drafter is idle.
-Instead it drafts a short continuation after the most likely *alternative* token at the least
-confident position of the block in flight (the drafted token whose logit beat the runner-up by the
-smallest margin). If the verdict then rejects exactly there and the cloud's recovered token is that
-alternative, the edge already holds the next drafts, with their distributions and its KV cache:
-it sends them at once instead of drafting them after the correction. Any other verdict discards
-the branch, and the drafter's cache is rolled back to the main line (one batched feed).
+Once the main line holds a couple of drafts past the oldest block in flight (or the pipeline has
+reached its run-ahead), the edge drafts a short continuation after the most likely *alternative*
+token at the least confident position of that block (the drafted token whose logit beat the
+runner-up by the smallest margin, if that margin is small). The complete branch goes up as a
+Draft with `root` = the alternative (protocol version 3): the verifier keeps it aside, and if the
+pass deciding that position recovers exactly the root, it verifies the branch next, with no round
+trip and no drafting in between; the Verdict names the branch it took. A branch the verifier did
+not take (it came too late) but whose root was recovered still saves the edge its drafting: it is
+sent at once. Any other verdict discards the branch on both sides, and the drafter's cache goes
+back to the main line (one batched feed) before it drafts there again.
 
 Exactness is untouched: branch tokens are drafted tokens like any other, sampled from the draft
 distribution they travel with, and the cloud verifies every one of them.

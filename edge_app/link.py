@@ -42,6 +42,7 @@ class CloudLink:
         self._inbox: asyncio.Queue = asyncio.Queue()
         self._reader: asyncio.Task | None = None
         self._stalled = False
+        self._closed_by: CloudError | None = None  # the Error the verifier sent before closing
         # observer(direction, message) for each message sent ("up") or received ("down"): traces,
         # and the load test's round-trip timing
         self.observer: Callable[[str, object], None] | None = None
@@ -79,13 +80,15 @@ class CloudLink:
         return reply
 
     async def send(self, msg) -> int:
+        # a closed link reports why the verifier closed it when it said so (an Error before the
+        # close, e.g. `draining`: a planned move, not a failure), else "disconnected"
         if self._ws is None or self._ws.closed:
-            raise CloudError("disconnected", "the link to the verifier is closed")
+            raise self._closed_by or CloudError("disconnected", "the link to the verifier is closed")
         data = codec.encode(msg)
         try:
             await self._ws.send_bytes(data)
         except (ConnectionError, RuntimeError) as err:
-            raise CloudError("disconnected", f"send failed: {err}") from err
+            raise (self._closed_by or CloudError("disconnected", f"send failed: {err}")) from err
         self.bytes_up += len(data)
         self.messages_up += 1
         if self.observer is not None:
@@ -133,7 +136,8 @@ class CloudLink:
                 if self.observer is not None:
                     self.observer("down", decoded)
                 if isinstance(decoded, codec.Error):
-                    self._inbox.put_nowait(CloudError(decoded.code, decoded.message))
+                    self._closed_by = CloudError(decoded.code, decoded.message)
+                    self._inbox.put_nowait(self._closed_by)
                     return
                 self._inbox.put_nowait(decoded)
             self._inbox.put_nowait(CloudError("disconnected", "the verifier closed the connection"))

@@ -44,9 +44,9 @@ def pipeline_rate(a: float, g: int, t_draft: float, t_rtt: float, t_verify: floa
 
 def token_confidence(logits: np.ndarray, token: int, temperature: float = 1.0) -> float:
     """The draft model's probability of `token` (softmax of logits [V] at `temperature`; greedy
-    drafting reads it at 1). Measured on the default pair, the target keeps a greedy draft token
-    about as often as this says (0.3-0.5: kept 49% of the time, 0.8-0.9: 93%), so a low value marks
-    the likely end of what a verify pass will accept."""
+    drafting reads it at 1). On the default pair the target keeps a greedy draft token about as
+    often as this says (python -m bench.calibration over the benchmark's answers: 0.3-0.5 kept 55%
+    of the time, 0.8-0.9 95%), so a low value marks the likely end of what a pass will accept."""
     z = (logits - logits[token]) * np.float32(1.0 / max(temperature, 1e-6))
     np.minimum(z, 80.0, out=z)  # float32 exp overflows past 88; beyond 80 the token's share is ~0 anyway
     return float(1.0 / np.exp(z, out=z).sum(dtype=np.float64))
