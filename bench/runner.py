@@ -113,7 +113,7 @@ def record_from(mode: str, rtt_ms: float | None, prompt: BenchPrompt, answer, cl
             "edge_only_tokens": getattr(s, "edge_only_tokens", 0), "category": prompt.set_name,
             "filled": getattr(s, "filled", 0), "mode_switches": list(getattr(s, "mode_switches", [])),
             "branches": getattr(s, "branches", 0), "branch_hits": getattr(s, "branch_hits", 0),
-            "cut_blocks": getattr(s, "cut_blocks", 0)}
+            "cut_blocks": getattr(s, "cut_blocks", 0), "branches_taken": getattr(s, "branches_taken", 0)}
 
 
 def hf_record(event: dict, prompt: BenchPrompt) -> dict:

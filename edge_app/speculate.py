@@ -76,6 +76,9 @@ class SpeculativeLoop:
         self.rivals: dict[int, tuple[int, float]] = {}
         self.branch: Branch | None = None
         self.drafter_on_branch = False  # the drafter's cache holds the branch, not the main line
+        # greedy only: a sampled recovered token comes from norm(max(0, p - q)), where the draft's
+        # runner-up, likely under q, has little mass (no branch hit in 170 sampled tiny-model tries)
+        self.branching = self.opt.branch and self.opt.params.greedy
         self.plan = Plan(mode if mode != "auto" else "pipeline", DEFAULT_BLOCK, DEFAULT_BLOCK, 0.0)
         self.fills = fills_bubbles(self.opt, mode, variant.name)
 
@@ -112,7 +115,7 @@ class SpeculativeLoop:
                 # 4. nothing to draft: make sure the cloud has everything, then wait for a message
                 if self._may_send() and (len(self.drafted) > self.sent or self.forced):
                     await self._send_block(wait=True)
-                if self.opt.branch and await self._grow_branch():
+                if self.branching and await self._grow_branch():
                     continue
                 with self.meters.phase("network_wait"):
                     msg = await self.link.recv()
@@ -130,7 +133,7 @@ class SpeculativeLoop:
         """Branching before the run-ahead is reached: a branch the verifier can take must arrive
         before the pass that decides its root ends, so it is drafted once the main line holds
         BRANCH_AFTER tokens past the oldest block in flight, not after all of the run-ahead."""
-        if not self.opt.branch or (self.branch is not None and self.branch.done):
+        if not self.branching or (self.branch is not None and self.branch.done):
             return False
         oldest = min(self.sent_blocks, default=None)
         if oldest is None:
@@ -190,7 +193,7 @@ class SpeculativeLoop:
         thread). Also: with branching on, the runner-up token and its logit margin; and whether the
         pipeline should send its block now because the draft model is unsure of the token."""
         token, dist, logits = (draft_step if feed else draft_sample)(self.drafter, self.opt.params, self.rng)
-        rival = runner_up(logits, token) if self.opt.branch else None
+        rival = runner_up(logits, token) if self.branching else None
         unsure = False
         if self.plan.mode == "pipeline" and self.opt.cut_below > 0:
             temperature = 1.0 if self.opt.params.greedy else self.opt.params.temperature

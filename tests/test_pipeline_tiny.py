@@ -366,6 +366,18 @@ def test_branches_the_verifier_takes_are_verified_without_a_round_trip_and_stay_
     assert 0 < taken <= sent
 
 
+def test_sampled_answers_draft_no_branches(server, target):
+    """With sampling the recovered token comes from norm(max(0, p - q)), where the draft's
+    runner-up has little mass: a branch after it would be drafting for nothing (none ever hit in
+    170 tries on this model), so --branch only branches greedy answers."""
+    drafter = TinyDrafter(perturbed(target, 1.0))
+    for seed, prompt in enumerate(PROMPTS):
+        ans = generate(server.url, drafter, prompt, max_new_tokens=24, block=3, branch=True,
+                       params=SamplingParams(temperature=1.0, top_p=0.95, seed=seed))
+        assert len(ans.token_ids) == 24 or ans.token_ids[-1] == EOS
+        assert ans.stats.branches == ans.stats.branches_sent == 0 and ans.stats.rejected > 0
+
+
 def test_auto_with_bubble_filling_keeps_the_pipeline_even_when_drafting_looks_slow(server, target):
     """With filling the pipeline cannot be slower than cloud-only: auto does not hand over."""
     from edge_app.policy import Estimates
