@@ -67,7 +67,7 @@ class WorkLoop:
         if isinstance(op, codec.Prompt):
             await self.prefill(op)
         elif isinstance(op, codec.Draft):
-            self.queue_draft(op)
+            await self.queue_draft(op)
             await self.verify_queued()
         elif isinstance(op, codec.Generate):
             await self.generate(op.max_new_tokens)
@@ -100,16 +100,23 @@ class WorkLoop:
                                               prefill_s=seconds, token=token), self.metrics)
 
     # -- Draft -> Verdict ----------------------------------------------------------------------
-    def queue_draft(self, op: codec.Draft) -> None:
-        if not self.session.add_draft(Block.from_draft(op), self.conn.popped_at):
+    async def queue_draft(self, op: codec.Draft) -> None:
+        session, epoch = self.session, self.session.epoch
+        if not session.add_draft(Block.from_draft(op), self.conn.popped_at):
             self.metrics.inc("picospec_stale_drafts_total", len(op.ids))
+            if session.epoch != epoch:
+                # the draft contradicted filled tokens and moved the epoch: the edge waits to hear
+                # of a newer epoch before it sends again, and no filled token may follow (the
+                # answer's eos or budget reached): say it now, with an empty Tokens
+                await send(self.conn, codec.Tokens(pos=len(session.committed), ids=[], done=False,
+                                                   epoch=session.epoch), self.metrics)
 
     async def verify_queued(self) -> None:
         """Verify what is queued, pass after pass; drafts that arrived during a pass join the next."""
         conn, session, m = self.conn, self.session, self.metrics
         while True:
             while conn.ops and isinstance(conn.ops[0], codec.Draft):
-                self.queue_draft(conn.pop())
+                await self.queue_draft(conn.pop())
             block = session.take_block(self.config.max_block)
             if block is None:
                 return
@@ -117,7 +124,7 @@ class WorkLoop:
             result = await self.scheduler.submit(work)
             result.verify_s = work.ran_s
             for branch in conn.pop_branches():  # sent during the pass: this verdict may take one
-                self.queue_draft(branch)
+                await self.queue_draft(branch)
             epoch = apply_pass(session, block, result)
             m.inc("picospec_verify_passes_total")
             m.inc("picospec_drafted_tokens_total", len(block.drafted))
