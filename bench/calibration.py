@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sampling import softmax
+
 BUCKETS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 1.0001)
 
 
@@ -26,9 +28,8 @@ def position_rows(logits: np.ndarray, answer: list[int]) -> list[tuple[float, in
     """logits: [len(answer), V], row i the draft's next-token logits before answer[i]. Returns
     (the draft's top probability, the rank of answer[i] among the draft's top 3, 3 if lower)."""
     out = []
-    for row, token in zip(logits.astype(np.float64), answer):
-        p = np.exp(row - row.max())
-        p /= p.sum()
+    for row, token in zip(logits, answer):
+        p = softmax(row)
         top3 = np.argsort(-p)[:3]
         rank = int(np.flatnonzero(top3 == token)[0]) if token in top3 else 3
         out.append((float(p[top3[0]]), rank))
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp
 
     from bench.prompt_sets import load_prompts
-    from edge_app.template import render_chat
+    from edge_app.template import chat_ids
     from models.resolve import resolve_draft
 
     run = json.loads(Path(args.bench_json).read_text())
@@ -105,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         answer = answers.get(prompt.label)
         if not answer:
             continue
-        text = render_chat([{"role": "user", "content": prompt.text}], template)
-        ids = llm.tokenize(text.encode(), add_bos=not text.startswith("<"), special=True)
+        ids = chat_ids([{"role": "user", "content": prompt.text}], template,
+                       lambda text, add_bos: llm.tokenize(text.encode(), add_bos=add_bos, special=True))
         llm.reset()
         llm.eval(ids + answer)
         logits = np.asarray(llm.scores[len(ids) - 1:len(ids) + len(answer) - 1])

@@ -154,7 +154,7 @@ class VerifySession:
             return False
         if block.end > self.max_context:
             raise SessionError("too_large", "the branch runs past the context limit")
-        if not self.rule.allows_fill:  # the paper variant recovers on the edge: nothing to take
+        if self.variant != "exact":  # the paper variant recovers on the edge: nothing to take
             raise SessionError("bad_message", "branches need the exact variant")
         self.rule.check(block, queue_empty=False)
         if block.entries > self.queue.max_entries // (2 * MAX_BRANCHES):

@@ -17,7 +17,7 @@ from edge_app.link import CloudError, CloudLink
 from edge_app.meters import EdgeMeters
 from edge_app.pipeline import RETRYABLE, Answer, CommitCallback, GenerateOptions, Pipeline
 from edge_app.policy import Estimates
-from edge_app.template import render_chat
+from edge_app.template import chat_ids
 
 
 @dataclass(frozen=True)
@@ -204,8 +204,7 @@ class EdgeClient:
         return self.encode_chat(messages)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        text = render_chat(messages, self.chat_template)
-        return self.drafter.tokenize(text, add_bos=not text.startswith("<"))
+        return chat_ids(messages, self.chat_template, self.drafter.tokenize)
 
     def decode(self, ids: list[int]) -> str:
         return self.drafter.detokenize([t for t in ids if t not in self.stop_ids]).decode("utf-8", "replace")

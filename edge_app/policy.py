@@ -10,8 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
-
 
 def expected_accepted(a: float, g: int) -> float:
     """E[accepted drafted tokens] in a block of g when each is accepted with probability a."""
@@ -42,18 +40,10 @@ def pipeline_rate(a: float, g: int, t_draft: float, t_rtt: float, t_verify: floa
     return tokens / step
 
 
-def token_confidence(logits: np.ndarray, token: int, temperature: float = 1.0) -> float:
-    """The draft model's probability of `token` (softmax of logits [V] at `temperature`; greedy
-    drafting reads it at 1). On the default pair the target keeps a greedy draft token about as
-    often as this says (python -m bench.calibration over the benchmark's answers: 0.3-0.5 kept 55%
-    of the time, 0.8-0.9 95%), so a low value marks the likely end of what a pass will accept."""
-    z = (logits - logits[token]) * np.float32(1.0 / max(temperature, 1e-6))
-    np.minimum(z, 80.0, out=z)  # float32 exp overflows past 88; beyond 80 the token's share is ~0 anyway
-    return float(1.0 / np.exp(z, out=z).sum(dtype=np.float64))
-
-
 def cuts_block(confidence: float, cut_below: float) -> bool:
-    """Whether a block should go up right after a token drafted with this confidence: drafting on
+    """Whether a block should go up right after a token the draft model gave this probability
+    (sampling.token_prob; on the default pair the target keeps a greedy draft token about as often
+    as it says: python -m bench.calibration, 0.3-0.5 kept 55% of the time, 0.8-0.9 95%): drafting on
     past a likely rejection delays the pass that finds it, while the tokens after it still go up in
     the next block (the pipeline keeps drafting) if it is kept after all."""
     return confidence < cut_below

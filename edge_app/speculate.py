@@ -29,10 +29,10 @@ from edge_app.answer import AnswerState
 from edge_app.branches import Branch, least_confident, runner_up
 from edge_app.draft_model import DraftModel, draft_sample, draft_step, resync
 from edge_app.link import CloudLink
-from edge_app.policy import Estimates, Plan, cuts_block, ema, token_confidence
+from edge_app.policy import Estimates, Plan, cuts_block, ema
 from edge_app.stats import acceptance_rate
 from edge_app.variants import ExactVariant, PaperVariant
-from sampling import SparseDist
+from sampling import SparseDist, token_prob
 
 DEFAULT_BLOCK = 4
 BRANCH_AFTER = 2  # main-line tokens drafted past the oldest block in flight before a branch starts
@@ -135,10 +135,13 @@ class SpeculativeLoop:
         BRANCH_AFTER tokens past the oldest block in flight, not after all of the run-ahead."""
         if not self.branching or (self.branch is not None and self.branch.done):
             return False
+        oldest = self._oldest_block_size()
+        return oldest is not None and len(self.drafted) - oldest >= BRANCH_AFTER
+
+    def _oldest_block_size(self) -> int | None:
+        """Ids in the oldest Draft still awaiting its verdict (None: nothing in flight)."""
         oldest = min(self.sent_blocks, default=None)
-        if oldest is None:
-            return False
-        return len(self.drafted) - self.sent_blocks[oldest][1] >= BRANCH_AFTER
+        return None if oldest is None else self.sent_blocks[oldest][1]
 
     def _nothing_in_flight(self) -> bool:
         return self.epoch is not None and self.sent == 0 and not self.forced and self.hold_epoch is None
@@ -197,7 +200,7 @@ class SpeculativeLoop:
         unsure = False
         if self.plan.mode == "pipeline" and self.opt.cut_below > 0:
             temperature = 1.0 if self.opt.params.greedy else self.opt.params.temperature
-            unsure = cuts_block(token_confidence(logits, token, temperature), self.opt.cut_below)
+            unsure = cuts_block(token_prob(logits, token, temperature), self.opt.cut_below)
         return token, dist, rival, unsure
 
     # -- branch pre-drafting (edge_app/branches.py) -------------------------------------------
@@ -206,8 +209,8 @@ class SpeculativeLoop:
         when there is nothing (more) to do on a branch."""
         loop = asyncio.get_running_loop()
         if self.branch is None:
-            oldest = min(self.sent_blocks, default=None)
-            limit = min(self.sent, self.sent_blocks[oldest][1]) if oldest is not None else 0
+            oldest = self._oldest_block_size()
+            limit = min(self.sent, oldest) if oldest is not None else 0
             base = len(self.committed)
             j = least_confident([self.rivals.get(base + i, (0, float("inf")))[1] for i in range(limit)])
             if (j is None or self.forced or self.hold_epoch is not None or base + j not in self.rivals
@@ -237,11 +240,8 @@ class SpeculativeLoop:
         branch = self.branch
         branch.done = True
         if self._may_send() and branch.tokens:
-            self.seq += 1
-            branch.seq = self.seq
-            payload = self.variant.uplink(self.opt.params.greedy, [], branch.tokens, branch.dists)
-            await self.link.send(codec.Draft(epoch=self.epoch, pos=branch.root_pos + 1, ids=list(branch.tokens),
-                                             seq=branch.seq, root=branch.root, **payload))
+            branch.seq = await self._send_draft(branch.root_pos + 1, [], list(branch.tokens), branch.dists,
+                                                root=branch.root)
             self.stats.branches_sent += 1
         self.needs_resync = True
 
@@ -304,17 +304,23 @@ class SpeculativeLoop:
     # -- sending -----------------------------------------------------------------------------
     async def _send_block(self, wait: bool) -> None:
         new = self.drafted[self.sent:]
-        ids = self.forced + new
-        payload = self.variant.uplink(self.opt.params.greedy, self.forced, new, self.dists[self.sent:])
         # a forced token (the paper variant's recovered one) is committed already: it goes up first
         pos = len(self.committed) - len(self.forced) + self.sent
-        self.seq += 1
-        await self.link.send(codec.Draft(epoch=self.epoch, pos=pos, ids=ids, forced=len(self.forced),
-                                         wait=wait, seq=self.seq, **payload))
-        self.sent_blocks[self.seq] = (time.perf_counter(), len(ids))
+        seq = await self._send_draft(pos, self.forced, new, self.dists[self.sent:], wait=wait)
+        self.sent_blocks[seq] = (time.perf_counter(), len(self.forced) + len(new))
         self.stats.block_sizes.append(len(new))
         self.sent = len(self.drafted)
         self.forced = []
+
+    async def _send_draft(self, pos: int, forced: list[int], new: list[int], dists: list[SparseDist],
+                          **fields) -> int:
+        """One Draft of forced + new ids at `pos` in the current epoch, with what the variant sends
+        up for them and the next seq (returned); fields: Draft's wait or root."""
+        self.seq += 1
+        payload = self.variant.uplink(self.opt.params.greedy, forced, new, dists)
+        await self.link.send(codec.Draft(epoch=self.epoch, pos=pos, ids=forced + new, forced=len(forced),
+                                         seq=self.seq, **fields, **payload))
+        return self.seq
 
     # -- what the cloud says -----------------------------------------------------------------
     def on_message(self, msg) -> None:

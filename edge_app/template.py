@@ -23,6 +23,13 @@ def _compile(source: str):
     return env.from_string(source)
 
 
+def chat_ids(messages: list[dict], template: str | None, tokenize) -> list[int]:
+    """messages -> the prompt's ids: rendered with `template`, then tokenize(text, add_bos) with a
+    BOS only when the rendered text does not open with a tag of its own."""
+    text = render_chat(messages, template)
+    return tokenize(text, add_bos=not text.startswith("<"))
+
+
 def render_chat(messages: list[dict], template: str | None = None, bos_token: str = "",
                 eos_token: str = "", add_generation_prompt: bool = True) -> str:
     """messages: [{"role": "system"|"user"|"assistant", "content": str}] -> the prompt text."""

@@ -109,6 +109,15 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return z
 
 
+def token_prob(logits: np.ndarray, token: int, temperature: float = 1.0) -> float:
+    """softmax(logits / temperature)[token] for one token of a [V] row, without the whole softmax
+    (float32 until the sum: ~0.4 ms on a 152k row where `softmax` takes ~2 ms; the drafter asks
+    it once per drafted token)."""
+    z = (logits - logits[token]) * np.float32(1.0 / max(temperature, 1e-6))
+    np.minimum(z, 80.0, out=z)  # float32 exp overflows past 88; beyond 80 the token's share is ~0 anyway
+    return float(1.0 / np.exp(z, out=z).sum(dtype=np.float64))
+
+
 def truncate_probs(probs: np.ndarray, top_k: int = 0, top_p: float = 1.0,
                    out: np.ndarray | None = None) -> np.ndarray:
     """Keep the top-k tokens, then the smallest set whose mass reaches top_p; renormalise.
