@@ -51,6 +51,9 @@ def register(sub) -> None:
                    help="comma-separated from edge, cloud, sync, pipeline, auto, branch (pipeline with branch "
                         "pre-drafting), uncut (pipeline with full blocks only), hf-assisted (default: all but "
                         "branch and uncut)")
+    g.add_argument("--no-shared-openings", action="store_true",
+                   help="the local verifier keeps no chat openings: every answer prefills its whole prompt "
+                        "(default: the template header and system turn come from its store, as in a fleet)")
     g.add_argument("--block", type=int, default=None,
                    help="fixed drafted tokens per block (default adaptive; hf-assisted: num_assistant_tokens)")
     g = p.add_argument_group("emulated link")
@@ -120,7 +123,7 @@ def run(args) -> int:
                       block=args.block, up_kbps=args.up_kbps, down_kbps=args.down_kbps, jitter_ms=args.jitter_ms,
                       loss=args.loss, draft=args.draft, target=args.target, token=args.token, dtype=args.dtype,
                       threads=args.threads, pin=not args.no_pin, cloud=args.cloud,
-                      figures=figures)
+                      figures=figures, shared_openings=not args.no_shared_openings)
     link_runs = len([m for m in args.modes if m in LINK_MODES]) * len(args.rtt_ms)
     total = len(prompts) * (link_runs + ("edge" in args.modes) + ("hf-assisted" in args.modes))
     machine = machine_info()

@@ -53,6 +53,9 @@ class BenchConfig:
     threads: int | None = None
     pin: bool = True
     cloud: str | None = None  # a remote verifier's URL; None = start one on this machine
+    # the local verifier keeps the chat openings (template header, system turn) every prompt
+    # shares, as a fleet's verifier does; False: every answer prefills its whole prompt
+    shared_openings: bool = True
     figures: object = None  # edge_app.energy.PowerFigures or None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="picospec-bench-")))
 
@@ -194,7 +197,9 @@ async def _start_cloud_side(cfg: BenchConfig, split, result: BenchResult, progre
     progress("starting the local verifier (loading the target)", False)
     t0 = time.perf_counter()
     verifier = EmbeddedVerifier(cfg.target, cfg.dtype, len(split[1]) if split else None,
-                                split[1] if split else None, cfg.token, log_path=str(cfg.workdir / "verifier.log"))
+                                split[1] if split else None, cfg.token, log_path=str(cfg.workdir / "verifier.log"),
+                                extra_args=[] if cfg.shared_openings else ["--prefix-cache-mb", "0"])
+    result.setup["shared_openings"] = cfg.shared_openings
     await asyncio.get_running_loop().run_in_executor(None, verifier.start)
     result.setup["verifier_start_s"] = time.perf_counter() - t0
     proxy = ThreadedLinkProxy("127.0.0.1", verifier.port, link_config(cfg, cfg.rtts_ms[0]))
@@ -242,8 +247,9 @@ async def measure_rtt(url: str, n: int = 5) -> float | None:
 
 
 async def _fresh_state(client) -> None:
-    """Every answer starts cold on both sides: a new verifier session (empty KV cache) and an empty
-    draft cache, whatever mode ran before it."""
+    """Every answer starts cold on both sides: a new verifier session (empty KV cache; only the
+    chat opening every prompt shares comes from the verifier's store, unless shared_openings is
+    off) and an empty draft cache, whatever mode ran before it."""
     await _reset_link(client)
     client.drafter.reset()
 

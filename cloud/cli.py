@@ -46,6 +46,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", default="auto", choices=["auto", "numpy", "torch"],
                    help="where the accept / recover rule runs: torch on the target's device, numpy on "
                         "the host (default auto: torch on a GPU target, numpy on a CPU one)")
+    p.add_argument("--prefix-cache-mb", type=float, default=256.0,
+                   help="memory for the keys and values of prompt openings many conversations share "
+                        "(the chat template's system turn), kept across sessions (default 256; 0 = off)")
     p.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S,
                    help="seconds a SIGTERM drain may take before open sessions are cut (default 45)")
     p.add_argument("--log-level", default="INFO")
@@ -87,7 +90,8 @@ def server_config(args):
         hello_timeout_s=args.hello_timeout, max_msg_size=args.max_msg_size,
         msgs_per_s=args.max_msgs_per_s, msg_burst=args.msg_burst,
         tls_cert=args.tls_cert, tls_key=args.tls_key, batch=not args.no_batch,
-        batch_max_tokens=args.batch_max_tokens, rule=args.rule)
+        batch_max_tokens=args.batch_max_tokens, rule=args.rule,
+        prefix_cache_bytes=int(args.prefix_cache_mb * (1 << 20)))
 
 
 def read_tokens(path: str | None) -> tuple[str, ...]:

@@ -203,6 +203,26 @@ class TargetEngine:
         if remove:  # crop(0) is not a no-op everywhere, and a positive argument raises in 5.x
             self.cache.crop(-remove)
 
+    @property
+    def can_share_rows(self) -> bool:
+        """Whether cached rows can be copied between sessions: every layer keeps all its
+        positions (a sliding-window layer does not)."""
+        return not any(getattr(layer, "is_sliding", False) for layer in self.cache.layers)
+
+    def export_rows(self, n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Copies of the first n cached positions: [(keys, values)] per layer, each
+        [1, kv_heads, n, head_dim]."""
+        if n > self.cache_len:
+            raise ValueError(f"cannot export {n} positions: the cache holds {self.cache_len}")
+        return [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone()) for layer in self.cache.layers]
+
+    def import_rows(self, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
+        """Replace the cache with the first n positions of exported rows (copied: the source
+        stays untouched by this session's later passes)."""
+        self.reset()
+        for i, (k, v) in enumerate(kv):
+            self.cache.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
+
     def common_prefix_keep(self, committed: list[int], new: list[int]) -> int:
         """How many cached positions of `committed` can be kept for the new context `new`."""
         return min(common_prefix_len(committed, new), self.cache_len)

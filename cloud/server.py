@@ -23,6 +23,7 @@ from cloud.connection import Conn, WebSocket, decode_frame, refuse, send, server
 from cloud.errors import SessionError
 from cloud.limits import TokenBucket
 from cloud.metrics import Metrics, process_memory
+from cloud.prefix_cache import PrefixStore
 from cloud.read_loop import read_loop
 from cloud.rule_impl import resolve_rule
 from cloud.scheduler import Scheduler
@@ -34,6 +35,7 @@ COUNTERS = ("picospec_sessions_total", "picospec_verify_passes_total", "picospec
             "picospec_messages_up_total", "picospec_messages_down_total", "picospec_evictions_total",
             "picospec_rate_limited_total", "picospec_connections_lost_total", "picospec_prefill_tokens_total",
             "picospec_generated_tokens_total", "picospec_filled_tokens_total", "picospec_stale_drafts_total",
+            "picospec_prefix_hits_total", "picospec_prefix_reused_tokens_total",
             "picospec_branches_taken_total")
 
 
@@ -68,6 +70,8 @@ class ServerConfig:
     # where the accept / recover rule runs (cloud/rule_impl.py): "auto" (torch on a GPU target,
     # numpy on a CPU one), "numpy" or "torch"
     rule: str = "auto"
+    # keys and values of prompt openings shared across sessions (cloud/prefix_cache.py); 0 = off
+    prefix_cache_bytes: int = 256 << 20
 
     @property
     def accepted_tokens(self) -> tuple[str, ...]:
@@ -90,6 +94,7 @@ class VerifierServer:
             self.metrics.inc(name, 0)
         self.sessions: dict[str, VerifySession] = {}
         self.rule_impl = resolve_rule(config.rule, engine.device)
+        self.openings = PrefixStore(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
         self.draining = False  # set by cloud.drain: refuse new sessions, /healthz answers 503
         self.admission = Admission(config.accepted_tokens, fingerprint, model_name,
                                    config.max_sessions, config.max_sessions_per_token)
@@ -137,6 +142,7 @@ class VerifierServer:
     async def metrics_route(self, request: web.Request) -> web.Response:
         m = self.metrics
         m.gauge("picospec_sessions", len(self.sessions))
+        m.gauge("picospec_prefix_store_bytes", self.openings.nbytes if self.openings else 0)
         # what the sessions hold now: KV-cache positions (memory) and queued drafted tokens
         sessions = list(self.sessions.values())
         m.gauge("picospec_kv_cache_tokens", sum(s.engine.cache_len for s in sessions))
@@ -163,7 +169,7 @@ class VerifierServer:
         self.metrics.inc("picospec_sessions_total")
         conn.log(logging.INFO, "opened", "session opened", peer=request.remote)
         work = WorkLoop(conn, self.scheduler, self.metrics, cfg,
-                        may_fill=lambda: len(self.sessions) <= cfg.fill_max_sessions)
+                        may_fill=lambda: len(self.sessions) <= cfg.fill_max_sessions, openings=self.openings)
         worker = asyncio.create_task(work.run())
         self._conns.add(conn)
         try:

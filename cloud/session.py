@@ -21,6 +21,7 @@ from cloud.draft_queue import Block, DraftQueue
 from cloud.errors import SessionError
 from cloud.fill import BubbleFill, FillTiming, NoFill
 from cloud.paper_variant import PaperRule
+from cloud.prefix_cache import PrefixStore
 from cloud.verify import ExactRule
 from sampling import SamplingParams
 
@@ -67,6 +68,7 @@ class VerifySession:
         self.accepted = 0
         self.passes = 0
         self.filled = 0
+        self.opening_reused = 0  # positions of this prompt copied from a stored opening
 
     @property
     def variant(self) -> str:
@@ -87,8 +89,10 @@ class VerifySession:
         return self.queue.entries
 
     # -- a prompt ------------------------------------------------------------------------------
-    def begin_prompt(self, ids: list[int], max_new_tokens: int) -> list[int]:
-        """Check a new committed prefix and roll the cache back to what it shares with the old one;
+    def begin_prompt(self, ids: list[int], max_new_tokens: int, openings: PrefixStore | None = None,
+                     scope: str = "") -> list[int]:
+        """Check a new committed prefix and roll the cache back to what it shares with the old one
+        (or copy in a longer opening other sessions' prompts stored, see cloud/prefix_cache.py);
         returns the ids still to prefill (the caller feeds them, chunk by chunk)."""
         if not ids:
             raise SessionError("bad_message", "the prompt is empty")
@@ -97,6 +101,12 @@ class VerifySession:
                                             f"the context limit {self.max_context}")
         keep = min(self.engine.common_prefix_keep(self.committed, ids), len(ids) - 1)
         self.engine.rollback(keep)
+        self.opening_reused = 0
+        if openings is not None and self.engine.can_share_rows:
+            n, opening = openings.match(ids, len(ids) - 1, scope)
+            if n > keep:
+                self.engine.import_rows(opening.kv, n)
+                self.opening_reused, keep = n, n
         # nothing is committed until end_prompt: an interrupted prefill leaves nothing to reuse
         self.committed, self.prompt_len, self.pending_row = [], 0, None
         return ids[keep:]
@@ -116,6 +126,14 @@ class VerifySession:
         self.queue.clear()
         self.branches.clear()
         return self.commit_next_token() if max_new_tokens > 0 and self.rule.first_token_from_prefill else None
+
+    def share_opening(self, openings: PrefixStore, shared: int, scope: str = "") -> bool:
+        """After a prefill: keep the prompt's first `shared` positions for other sessions of
+        `scope` (a Prompt.shared the store does not hold yet). True if stored."""
+        opening = self.committed[:min(shared, self.prompt_len)]
+        if not opening or not self.engine.can_share_rows or openings.holds(opening, scope):
+            return False
+        return openings.put(opening, self.engine.export_rows(len(opening)), scope)
 
     # -- drafts --------------------------------------------------------------------------------
     def add_draft(self, block: Block, arrived_at: float | None = None) -> bool:

@@ -21,6 +21,7 @@ from cloud.connection import Conn, refuse, send
 from cloud.draft_queue import Block
 from cloud.errors import SessionError
 from cloud.metrics import Metrics
+from cloud.prefix_cache import PrefixStore
 from cloud.scheduler import Scheduler, Work
 from cloud.verify import apply_pass, decide_pass, pass_feed
 
@@ -30,9 +31,17 @@ class WorkLoop:
     for bubble filling now."""
 
     def __init__(self, conn: Conn, scheduler: Scheduler, metrics: Metrics, config,
-                 may_fill: Callable[[], bool]):
+                 may_fill: Callable[[], bool], openings: PrefixStore | None = None):
         self.conn, self.session = conn, conn.session
         self.scheduler, self.metrics, self.config, self.may_fill = scheduler, metrics, config, may_fill
+        self.openings = openings  # prompt openings shared across sessions (None: off)
+
+    @property
+    def opening_scope(self) -> str:
+        """Who shares openings with this session: its access token's sessions (an open server's
+        sessions all share)."""
+        key = self.conn.quota_key or ""
+        return key if key.startswith("token#") else ""
 
     async def run(self) -> None:
         conn = self.conn
@@ -85,7 +94,10 @@ class WorkLoop:
     async def prefill(self, op: codec.Prompt) -> None:
         session = self.session
         t0 = time.perf_counter()
-        rest = session.begin_prompt(op.ids, op.max_new_tokens)
+        rest = session.begin_prompt(op.ids, op.max_new_tokens, self.openings, self.opening_scope)
+        if session.opening_reused:
+            self.metrics.inc("picospec_prefix_hits_total")
+            self.metrics.inc("picospec_prefix_reused_tokens_total", session.opening_reused)
         last = None
         chunk = self.config.prefill_chunk  # other sessions' passes join every chunk's tick
         for start in range(0, len(rest), chunk):
@@ -93,6 +105,8 @@ class WorkLoop:
                                                     lambda rows: rows[-1]))
         fill = op.fill and self.may_fill()
         token = await self.scheduler.call(lambda: session.end_prompt(op.ids, op.max_new_tokens, last, fill=fill))
+        if op.shared and self.openings is not None:
+            session.share_opening(self.openings, op.shared, self.opening_scope)
         seconds = time.perf_counter() - t0
         self.metrics.observe("picospec_prefill_seconds", seconds)
         self.metrics.inc("picospec_prefill_tokens_total", len(rest))

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 # 2: VerdictKind names, Tokens.epoch, no Draft.flush
 # 3: branches (Draft.root, Verdict.branch)
-PROTOCOL_VERSION = 3
-SUPPORTED_VERSIONS: tuple[int, ...] = (3,)
+# 4: Prompt.shared (a prefix many conversations share, which the verifier may keep)
+PROTOCOL_VERSION = 4
+SUPPORTED_VERSIONS: tuple[int, ...] = (4,)
 
 # Bytes of one frame as it arrives, and of the msgpack body after inflating it. The largest real
 # message is a 64-token sampled Draft with wide supports: each weight is >= 1 out of

@@ -95,6 +95,9 @@ class Prompt:
     # the cloud may fill its idle time (while no fresh drafts are queued after a correction)
     # with target tokens of its own, sent as Tokens; the pipeline asks for it, sync does not
     fill: bool = False
+    # ids[:shared] open many conversations (the chat template's system turn): the verifier may
+    # keep their keys and values for other sessions' prompts; 0: nothing to share
+    shared: int = 0
 
 
 @dataclass(frozen=True)
@@ -238,6 +241,11 @@ def _check_verdict(m: Verdict, vocab_size: int | None) -> None:
         raise bad_message("Verdict.top_probs", f"{len(m.top_probs)} probs for {len(m.top_ids)} ids")
 
 
+def _check_prompt(m: Prompt, vocab_size: int | None) -> None:
+    if m.shared > len(m.ids):
+        raise bad_message("Prompt.shared", f"{m.shared} shared ids but only {len(m.ids)} ids")
+
+
 def _no_check(m: Any, vocab_size: int | None) -> None:
     return None
 
@@ -287,8 +295,9 @@ _SCHEMAS = (
             session_id=("s", F.text()), fingerprint=("f", F.fingerprint()),
             model=("m", F.text(MAX_STR)), vocab_size=("n", F.uint(MAX_VOCAB, lo=1)),
             server=("sv", F.text())),
-    _schema(Prompt, 3, _no_check,
-            ids=("i", F.id_list(MAX_PROMPT)), max_new_tokens=("n", F.uint()), fill=("fl", F.flag())),
+    _schema(Prompt, 3, _check_prompt,
+            ids=("i", F.id_list(MAX_PROMPT)), max_new_tokens=("n", F.uint()), fill=("fl", F.flag()),
+            shared=("sh", F.uint(MAX_PROMPT))),
     _schema(Prefilled, 4, _no_check,
             committed_len=("c", F.uint()), epoch=("e", F.uint()), prefill_s=("ps", F.seconds()),
             token=("o", F.token_id(nullable=True))),

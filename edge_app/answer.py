@@ -132,9 +132,10 @@ class AnswerState:
     """
 
     def __init__(self, prompt_ids: list[int], options: GenerateOptions, stats: GenerationStats,
-                 meters: EdgeMeters, on_commit: CommitCallback | None = None):
+                 meters: EdgeMeters, on_commit: CommitCallback | None = None, shared: int = 0):
         self.committed: list[int] = list(prompt_ids)
         self.prompt_len = len(prompt_ids)
+        self.shared = min(shared, len(prompt_ids))  # ids[:shared] open many conversations (Prompt.shared)
         self.options = options
         self.stats = stats
         self.meters = meters

@@ -17,7 +17,9 @@ from edge_app.link import CloudError, CloudLink
 from edge_app.meters import EdgeMeters
 from edge_app.pipeline import RETRYABLE, Answer, CommitCallback, GenerateOptions, Pipeline
 from edge_app.policy import Estimates
-from edge_app.template import chat_ids
+from edge_app.template import chat_ids, opening_len
+
+MAX_OPENINGS = 8  # chat openings (distinct system turns) the client remembers
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,9 @@ class EdgeClient:
         self.on_notice = lambda text: print(f"picospec: {text}", file=sys.stderr, flush=True)
         self.rng = random.Random()  # reconnect jitter (tests give a seeded one)
         self._url_index = 0  # which of cloud_urls the current (or last) session went to
+        # openings of the chat prompts encoded so far (template header + system turn): a prompt
+        # that starts with one tells the verifier so (Prompt.shared), which keeps its keys and values
+        self._openings: dict[tuple[int, ...], None] = {}
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, need_cloud: bool = True) -> "EdgeClient":
@@ -204,7 +209,19 @@ class EdgeClient:
         return self.encode_chat(messages)
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
-        return chat_ids(messages, self.chat_template, self.drafter.tokenize)
+        ids = chat_ids(messages, self.chat_template, self.drafter.tokenize)
+        n = opening_len(messages, ids, self.chat_template, self.drafter.tokenize)
+        if n:
+            key = tuple(ids[:n])
+            self._openings.pop(key, None)
+            self._openings[key] = None  # the most recent last; a few system turns are kept
+            while len(self._openings) > MAX_OPENINGS:
+                del self._openings[next(iter(self._openings))]
+        return ids
+
+    def opening_of(self, prompt_ids: list[int]) -> int:
+        """How many leading ids of a prompt are a chat opening encode_chat has seen (0: none)."""
+        return max((len(o) for o in self._openings if tuple(prompt_ids[:len(o)]) == o), default=0)
 
     def decode(self, ids: list[int]) -> str:
         return self.drafter.detokenize([t for t in ids if t not in self.stop_ids]).decode("utf-8", "replace")
@@ -228,7 +245,7 @@ class EdgeClient:
         pipeline.retry_interval_s = self.config.retry_interval_s
         pipeline.notice = self._notice
         self.pipeline = pipeline
-        return await pipeline.run(prompt_ids)
+        return await pipeline.run(prompt_ids, shared=self.opening_of(prompt_ids))
 
     async def _reconnect(self, options: GenerateOptions, err: CloudError | None) -> CloudLink | None:
         """A new session after a lost one, retried for up to reconnect_s with jittered exponential

@@ -59,9 +59,10 @@ class Pipeline:
         self.retry_interval_s = 5.0
         self.notice: Callable[[str], None] = lambda text: None
 
-    async def run(self, prompt_ids: list[int]) -> Answer:
+    async def run(self, prompt_ids: list[int], shared: int = 0) -> Answer:
+        """shared: leading prompt ids that many conversations open with (Prompt.shared)."""
         self.meters.start()
-        answer = self.answer = AnswerState(prompt_ids, self.opt, self.stats, self.meters, self.on_commit)
+        answer = self.answer = AnswerState(prompt_ids, self.opt, self.stats, self.meters, self.on_commit, shared)
         if self.opt.mode == "edge":
             await run_edge_only(answer, self.drafter, self.rng)
         else:

@@ -92,7 +92,7 @@ class SpeculativeLoop:
         # 1. both sides prefill at once: the committed prefix goes up first, the edge prefills
         #    locally and starts drafting; the cloud's Prefilled brings the first token and the epoch
         await self.link.send(codec.Prompt(ids=self.committed, max_new_tokens=self.answer.remaining(),
-                                          fill=self.fills))
+                                          fill=self.fills, shared=self.answer.shared))
         await self._drafter_call("prefill", self.drafter.prefill, list(self.committed))
         while self.answer.done_reason is None:
             # 2. apply every message that has arrived (between draft steps)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from sampling import common_prefix_len
+
 # Used when a GGUF carries no template of its own: ChatML, which Qwen and many others speak.
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -28,6 +30,20 @@ def chat_ids(messages: list[dict], template: str | None, tokenize) -> list[int]:
     BOS only when the rendered text does not open with a tag of its own."""
     text = render_chat(messages, template)
     return tokenize(text, add_bos=not text.startswith("<"))
+
+
+def opening_len(messages: list[dict], ids: list[int], template: str | None, tokenize) -> int:
+    """How many of a conversation's prompt ids (`ids`, from chat_ids) every conversation with the
+    same system turn opens with: the template's header and the system messages, up to where the
+    first user turn's own text starts. Found by rendering two probe conversations that differ only
+    in that text: whatever the template, their common ids are the shared opening."""
+    system = []
+    for m in messages:
+        if m.get("role") != "system":
+            break
+        system.append(m)
+    probes = [chat_ids(system + [{"role": "user", "content": text}], template, tokenize) for text in ("0", "1")]
+    return min(common_prefix_len(*probes), common_prefix_len(probes[0], ids))
 
 
 def render_chat(messages: list[dict], template: str | None = None, bos_token: str = "",

@@ -418,13 +418,14 @@ def test_ext_types_and_deep_nesting_are_refused():
 
 def test_wrong_version_says_which_versions_are_spoken():
     err = refused(raw({"v": 7, "t": 7, "n": 1}), "bad_version")
-    assert err.message == "protocol version 7 not supported; this side speaks 3"
-    assert str(err) == "bad_version: protocol version 7 not supported; this side speaks 3"
-    assert "speaks 3" in refused(raw({"t": 7, "n": 1}), "bad_version").message
+    assert err.message == "protocol version 7 not supported; this side speaks 4"
+    assert str(err) == "bad_version: protocol version 7 not supported; this side speaks 4"
+    assert "speaks 4" in refused(raw({"t": 7, "n": 1}), "bad_version").message
     refused(raw({"v": True, "t": 7, "n": 1}), "bad_version")
     refused(raw({"v": "2", "t": 7, "n": 1}), "bad_version")
     refused(raw({"v": 1, "t": 7, "n": 1}), "bad_version")  # version 1 had other verdict kinds
     refused(raw({"v": 2, "t": 7, "n": 1}), "bad_version")  # version 2 knew no branches
+    refused(raw({"v": 3, "t": 7, "n": 1}), "bad_version")  # version 3 shared no prompt openings
     # the version is read before the type: a newer peer's new message types say "version"
     refused(raw({"v": PROTOCOL_VERSION + 1, "t": 99}), "bad_version")
 
