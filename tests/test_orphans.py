@@ -21,8 +21,10 @@ import pytest
 from tests.conftest import ROOT
 
 PARENT = r"""
-import os, sys, threading, time
+import os, signal, sys, threading, time
 from edge_app.embedded import EmbeddedVerifier
+
+signal.signal(signal.SIGHUP, signal.SIG_DFL)  # a shell's nohup would pass SIGHUP on ignored
 
 box = {}
 t = threading.Thread(target=lambda: box.update(v=EmbeddedVerifier(module="tests.tiny_serve",
