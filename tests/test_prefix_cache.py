@@ -90,6 +90,21 @@ def test_opening_is_everything_before_the_first_user_text(template):
             assert "Be brief." in text[:n]
 
 
+def test_client_remembers_a_few_openings_and_names_the_longest_a_prompt_starts_with():
+    from edge_app.client import MAX_OPENINGS
+
+    client = tiny_client("ws://127.0.0.1:1/ws", TinyDrafter(tiny_model(0)))
+    client.drafter.tokenize = chars
+    plain = client.encode_chat([{"role": "user", "content": "hi"}])
+    briefed = client.encode_chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}])
+    assert 0 < client.opening_of(plain) < client.opening_of(briefed)
+    assert "".join(map(chr, briefed[:client.opening_of(briefed)])).endswith("user\n")
+    assert client.opening_of(chars("raw text, no template")) == 0
+    for i in range(MAX_OPENINGS - 1):  # one opening too many: the oldest is forgotten
+        client.encode_chat([{"role": "system", "content": f"rule {i}"}, {"role": "user", "content": "x"}])
+    assert client.opening_of(plain) == 0 and client.opening_of(briefed) > 0
+
+
 # -- end to end, tiny model over a real socket ----------------------------------------------
 
 @pytest.fixture()
