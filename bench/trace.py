@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
@@ -39,11 +41,13 @@ def event_of(t: float, direction: str, msg) -> Event:
 
 def summarize(events: list[Event]) -> dict:
     """What one answer's timeline says (see the module docstring)."""
-    verdicts = [e for e in events if e.direction == "down" and e.kind == "Verdict"]
     first = next((e.t for e in events if e.kind in ("Prefilled", "Tokens") and e.direction == "down"), None)
-    turnarounds, blocks = [], []
+    verdicts, turnarounds, blocks = [], [], []
     for i, e in enumerate(events):
-        if e in verdicts and e.fields.get("new_epoch") != e.fields.get("epoch"):
+        if e.direction != "down" or e.kind != "Verdict":
+            continue
+        verdicts.append(e)
+        if e.fields.get("new_epoch") != e.fields.get("epoch"):  # a correction: the edge drafts anew
             nxt = next((d for d in events[i + 1:] if d.direction == "up" and d.kind == "Draft"
                         and d.fields.get("epoch") == e.fields.get("new_epoch")), None)
             if nxt is not None:
@@ -51,23 +55,21 @@ def summarize(events: list[Event]) -> dict:
                 blocks.append(nxt.ids)
     decode = (events[-1].t - first) if events and first is not None else 0.0
     verify = sum(e.fields.get("verify_s") or 0.0 for e in verdicts)
-    kinds: dict[str, int] = {}
-    for e in verdicts:
-        kinds[str(e.fields.get("kind"))] = kinds.get(str(e.fields.get("kind")), 0) + 1
     return {"decode_s": decode, "verify_s": verify, "busy": verify / decode if decode > 0 else None,
-            "verdicts": kinds, "corrections": len(turnarounds),
+            "verdicts": dict(Counter(str(e.fields.get("kind")) for e in verdicts)),
+            "corrections": len(turnarounds),
             "turnaround_ms_median": 1000 * median(turnarounds) if turnarounds else None,
             "turnaround_ms": [round(1000 * t) for t in turnarounds], "block_after_correction": blocks}
 
 
 async def trace(args) -> list[dict]:
+    """Each prompt answered as `picospec bench` answers it (same verifier, link, options, warm-up),
+    with an observer on the link."""
     from bench.prompt_sets import load_prompts
-    from bench.runner import BenchConfig, BenchResult, _fresh_state, _start_cloud_side, link_config
+    from bench.runner import (REPLY_TIMEOUT_S, BenchConfig, BenchResult, _fresh_state, _options,
+                              _start_cloud_side, _warm_up, link_config)
     from edge_app.client import EdgeClient, EdgeConfig
     from edge_app.embedded import split_cores
-    from edge_app.pipeline import GenerateOptions
-
-    import os
 
     cfg = BenchConfig(prompts=load_prompts(args.prompts, args.limit), modes=[args.mode], rtts_ms=[args.rtt_ms],
                       max_new_tokens=args.max_new_tokens)
@@ -77,12 +79,12 @@ async def trace(args) -> list[dict]:
     verifier, proxy = await _start_cloud_side(cfg, split, BenchResult(), lambda *a: None)
     proxy.update(link_config(cfg, args.rtt_ms))
     client = EdgeClient(EdgeConfig(cloud=proxy.url_for("/ws", "ws"), pin_cores=False, edge_fallback=False,
-                                   reply_timeout_s=900.0))
+                                   reply_timeout_s=REPLY_TIMEOUT_S))
     out = []
     try:
         await client.start()
-        options = GenerateOptions(max_new_tokens=args.max_new_tokens, mode=args.mode)
-        await client.generate_ids(client.encode_prompt("Hi"), GenerateOptions(max_new_tokens=4, mode=args.mode))
+        options = _options(cfg, args.mode, args.max_new_tokens)
+        await _warm_up(client, cfg, [args.mode])
         for prompt in cfg.prompts:
             ids = client.encode_prompt(prompt.text)
             await _fresh_state(client)

@@ -216,12 +216,12 @@ class TargetEngine:
             raise ValueError(f"cannot export {n} positions: the cache holds {self.cache_len}")
         return [(layer.keys[:, :, :n].clone(), layer.values[:, :, :n].clone()) for layer in self.cache.layers]
 
-    def import_rows(self, kv: list[tuple[torch.Tensor, torch.Tensor]], n: int) -> None:
-        """Replace the cache with the first n positions of exported rows (copied: the source
-        stays untouched by this session's later passes)."""
+    def import_rows(self, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Replace the cache with exported rows (copied: the source stays untouched by this
+        session's later passes)."""
         self.reset()
         for i, (k, v) in enumerate(kv):
-            self.cache.update(k[:, :, :n].clone(), v[:, :, :n].clone(), i)
+            self.cache.update(k.clone(), v.clone(), i)
 
     def common_prefix_keep(self, committed: list[int], new: list[int]) -> int:
         """How many cached positions of `committed` can be kept for the new context `new`."""

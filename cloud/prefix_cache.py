@@ -25,8 +25,6 @@ from dataclasses import dataclass
 
 import torch
 
-from sampling import common_prefix_len
-
 # [(keys, values)] per layer, each [1, kv_heads, positions, head_dim]
 LayerKV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -62,16 +60,14 @@ class PrefixStore:
     def match(self, ids: list[int], limit: int, scope: str = "") -> tuple[int, Opening | None]:
         """The longest opening of `scope` that ids start with, as (positions usable, opening): at
         most `limit` positions (a prefill needs at least its last id fed); (0, None) when none."""
-        best, found = 0, None
-        for opening in self._openings.values():
-            if opening.scope != scope:
-                continue
-            n = min(common_prefix_len(opening.ids, ids), limit)
-            if n == len(opening.ids) and n > best:  # only whole openings: what the edge declared
-                best, found = n, opening
-        if found is not None:
-            self._openings.move_to_end(found.key)
-        return best, found
+        # only whole openings: what the edge declared shared
+        fits = [o for o in self._openings.values()
+                if o.scope == scope and len(o.ids) <= limit and tuple(ids[:len(o.ids)]) == o.ids]
+        if not fits:
+            return 0, None
+        found = max(fits, key=lambda o: len(o.ids))
+        self._openings.move_to_end(found.key)
+        return len(found.ids), found
 
     def holds(self, ids: list[int], scope: str = "") -> bool:
         return (scope, tuple(ids)) in self._openings

@@ -105,7 +105,7 @@ class VerifySession:
         if openings is not None and self.engine.can_share_rows:
             n, opening = openings.match(ids, len(ids) - 1, scope)
             if n > keep:
-                self.engine.import_rows(opening.kv, n)
+                self.engine.import_rows(opening.kv)
                 self.opening_reused, keep = n, n
         # nothing is committed until end_prompt: an interrupted prefill leaves nothing to reuse
         self.committed, self.prompt_len, self.pending_row = [], 0, None

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 
+import codec
 from edge_app.meters import EdgeMeters
 from edge_app.stats import derived
 from sampling import SamplingParams
@@ -150,6 +151,10 @@ class AnswerState:
 
     def remaining(self) -> int:
         return self.options.max_new_tokens - self.generated
+
+    def prompt_message(self, fill: bool = False) -> codec.Prompt:
+        """The Prompt that (re)sets the cloud's context to this answer's committed prefix."""
+        return codec.Prompt(ids=self.committed, max_new_tokens=self.remaining(), fill=fill, shared=self.shared)
 
     def commit(self, new: list[int], speculative: list[int] = (), edge_only: bool = False) -> None:
         """Append agreed tokens; tell the user; notice a stop token or the length limit."""

@@ -18,7 +18,7 @@ async def run_cloud_only(answer: AnswerState, link: CloudLink, estimates: Estima
     """Stream the rest of the answer from the target. prompt_sent: the session already holds
     the committed prefix (auto switching mid-answer), so no Prompt / Prefilled round."""
     if not prompt_sent:
-        await link.send(codec.Prompt(ids=answer.committed, max_new_tokens=answer.remaining(), shared=answer.shared))
+        await link.send(answer.prompt_message())
     # the cloud caps Generate at the Prompt's budget, so it may go up before Prefilled comes down
     await link.send(codec.Generate(max_new_tokens=answer.remaining()))
     prefilled = prompt_sent

@@ -91,8 +91,7 @@ class SpeculativeLoop:
         """Returns None when the answer is done, SWITCH_TO_CLOUD when auto hands it to the cloud."""
         # 1. both sides prefill at once: the committed prefix goes up first, the edge prefills
         #    locally and starts drafting; the cloud's Prefilled brings the first token and the epoch
-        await self.link.send(codec.Prompt(ids=self.committed, max_new_tokens=self.answer.remaining(),
-                                          fill=self.fills, shared=self.answer.shared))
+        await self.link.send(self.answer.prompt_message(fill=self.fills))
         await self._drafter_call("prefill", self.drafter.prefill, list(self.committed))
         while self.answer.done_reason is None:
             # 2. apply every message that has arrived (between draft steps)

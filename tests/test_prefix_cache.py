@@ -177,7 +177,7 @@ def test_real_target_logits_after_a_copied_opening_are_bit_for_bit_a_fresh_prefi
     engine.reset()
     fresh = engine.prefill(second)
     fresh_next = engine.forward([11, 12, 13])
-    engine.import_rows(kv, len(opening))
+    engine.import_rows(kv)
     copied = engine.prefill(second[len(opening):])
     copied_next = engine.forward([11, 12, 13])
     assert torch.equal(fresh, copied) and torch.equal(fresh_next, copied_next)
