@@ -2,8 +2,10 @@
 same prompts, over an emulated link swept across RTTs; a table, --json and --plot.
 
 Both sides run on this machine, on separate cores, with a user-space proxy between them that adds
-half the RTT each way (this kernel has no netem). Greedy decoding, so every target-quality mode must
-produce cloud-only's exact tokens: the benchmark checks that too.
+half the RTT each way (this kernel has no netem). Greedy decoding by default, so every
+target-quality mode must produce cloud-only's exact tokens: the benchmark checks that too.
+--temperature samples instead (the speed of the modes as a sampling user sees it; answers are
+then draws from the target's distribution and are not compared token by token).
 """
 from __future__ import annotations
 
@@ -56,6 +58,11 @@ def register(sub) -> None:
                         "(default: the template header and system turn come from its store, as in a fleet)")
     g.add_argument("--block", type=int, default=None,
                    help="fixed drafted tokens per block (default adaptive; hf-assisted: num_assistant_tokens)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (default, answers checked against cloud-only's); above 0 every answer "
+                        "samples (not with hf-assisted)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus of a sampled run (default 1.0)")
+    g.add_argument("--seed", type=int, default=0, help="seed of every sampled answer (default 0)")
     g = p.add_argument_group("emulated link")
     g.add_argument("--rtt-ms", type=_floats, default=[20.0, 100.0, 400.0],
                    help="one or more, comma-separated (default 20,100,400)")
@@ -107,6 +114,23 @@ def busy_machine_note(machine: dict) -> str | None:
     return None
 
 
+def sampling_params(args):
+    """The run's SamplingParams (None: greedy); ValueError for bad numbers or a sampled hf-assisted
+    run (its subprocess generates greedily)."""
+    from sampling import SamplingParams
+
+    params = SamplingParams(args.temperature, args.top_p, 0, args.seed).validate()
+    if params.greedy:
+        return None
+    if "hf-assisted" in args.modes:
+        raise ValueError("hf-assisted runs greedy only: leave it out of --modes to sample")
+    return params
+
+
+def decoding_label(params) -> str:
+    return "greedy" if params is None else f"sampled: temperature {params.temperature:g}, top-p {params.top_p:g}, seed {params.seed}"
+
+
 def run(args) -> int:
     from bench import report
     from bench.prompt_sets import PromptError, load_prompts
@@ -116,6 +140,7 @@ def run(args) -> int:
     try:
         prompts = load_prompts(args.prompts, args.limit)
         figures = figures_from_args(args)
+        params = sampling_params(args)
     except (PromptError, ValueError) as err:
         print(f"picospec bench: {err}", file=sys.stderr)
         return 2
@@ -123,7 +148,7 @@ def run(args) -> int:
                       block=args.block, up_kbps=args.up_kbps, down_kbps=args.down_kbps, jitter_ms=args.jitter_ms,
                       loss=args.loss, draft=args.draft, target=args.target, token=args.token, dtype=args.dtype,
                       threads=args.threads, pin=not args.no_pin, cloud=args.cloud,
-                      figures=figures, shared_openings=not args.no_shared_openings)
+                      figures=figures, shared_openings=not args.no_shared_openings, params=params)
     link_runs = len([m for m in args.modes if m in LINK_MODES]) * len(args.rtt_ms)
     total = len(prompts) * (link_runs + ("edge" in args.modes) + ("hf-assisted" in args.modes))
     machine = machine_info()
@@ -141,18 +166,20 @@ def run(args) -> int:
                                            "target": result.setup.get("target") or args.target or "default"},
              "dtype": args.dtype, "max_new_tokens": args.max_new_tokens, "rtt_ms": args.rtt_ms,
              "modes": args.modes, "block": args.block, "prompts": [p.label for p in prompts],
-             "prompt_sets": args.prompts, "limit": args.limit, "decoding": "greedy",
+             "prompt_sets": args.prompts, "limit": args.limit, "decoding": decoding_label(params),
              "link": {"up_kbps": args.up_kbps, "down_kbps": args.down_kbps, "jitter_ms": args.jitter_ms,
                       "loss": args.loss, "one_way_delay": "rtt/2 each way (user-space proxy)"},
              "machine": machine, "bench_wall_s": time.perf_counter() - t0, "errors": result.errors,
              "workdir": str(cfg.workdir)}
-    rows, mismatches = report.build_rows(result.records, result.run_info, args.rtt_ms, args.modes)
+    rows, mismatches = report.build_rows(result.records, result.run_info, args.rtt_ms, args.modes,
+                                         greedy=params is None)
     breakeven = report.break_even(result.records, result.run_info, rows)
     categories = report.category_rows(result.records, args.rtt_ms, args.modes)
     print(setup.get("cores", ""))
     print(report.format_verify_curve(result.setup.get("verify_curve_s") or {}))
     print(report.format_table(rows))
-    for line in report.table_notes(rows, mismatches, breakeven):
+    sampled = None if params is None else decoding_label(params).split(": ", 1)[1]
+    for line in report.table_notes(rows, mismatches, breakeven, sampled):
         print("  " + line)
     print("\nper prompt category (Spec-Bench: tokens per verify pass, mean of per-prompt speedups):")
     print(report.format_category_table(categories))
@@ -169,6 +196,6 @@ def run(args) -> int:
         from bench.plot import plot
 
         title = (f"PicoSpec bench: {len(prompts)} prompt(s) ({args.prompts}), {args.max_new_tokens} new tokens, "
-                 f"greedy, {args.dtype}; {setup.get('cores', '')}")
+                 f"{decoding_label(params)}, {args.dtype}; {setup.get('cores', '')}")
         print(f"  wrote {plot(rows, result.records, args.plot, title)}")
     return 1 if result.errors and not result.records else 0

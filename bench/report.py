@@ -287,11 +287,14 @@ def format_verify_curve(curve: dict) -> str:
     return f"T(k) ms, k drafted tokens in one verify pass: {parts}{ratio}"
 
 
-def build_rows(records: list[dict], run_info: dict, rtts: list[float], modes: list[str]) -> tuple[list[dict], list[dict]]:
-    """Every (mode, rtt) row, in MODE_ORDER per rtt, and the list of greedy mismatches."""
+def build_rows(records: list[dict], run_info: dict, rtts: list[float], modes: list[str],
+               greedy: bool = True) -> tuple[list[dict], list[dict]]:
+    """Every (mode, rtt) row, in MODE_ORDER per rtt, and the list of greedy mismatches. Sampled
+    answers (greedy False) are draws from the target's distribution, not cloud-only's tokens: they
+    are not compared."""
     rows, mismatches = [], []
     for rtt in rtts:
-        ref = reference_ids(records, rtt)
+        ref = reference_ids(records, rtt) if greedy else {}
         for mode in [m for m in MODE_ORDER if m in modes]:
             key_rtt = None if mode in LINK_FREE else rtt
             run = [r for r in records if r["mode"] == mode and r.get("rtt_ms") == key_rtt]
@@ -415,8 +418,9 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def table_notes(rows: list[dict], mismatches: list[dict], breakeven: dict) -> list[str]:
-    """The lines under the table that say what the columns cannot."""
+def table_notes(rows: list[dict], mismatches: list[dict], breakeven: dict, sampled: str | None = None) -> list[str]:
+    """The lines under the table that say what the columns cannot. sampled: the sampling
+    parameters of a sampled run (None: greedy)."""
     notes = []
     if any(not r["target_quality"] for r in rows):
         notes.append("* edge: the draft model alone, NOT target quality (run once, shown on every rtt row)")
@@ -451,7 +455,10 @@ def table_notes(rows: list[dict], mismatches: list[dict], breakeven: dict) -> li
         if r["reconnects"] or (r["edge_only_tokens"] and r["mode"] != "edge"):
             notes.append(f"{r['mode']}@{_fmt(r['rtt_ms'], 'g')}: {r['reconnects']} reconnects, "
                          f"{r['edge_only_tokens']} draft-only tokens: not a clean run")
-    if mismatches:
+    if sampled:
+        notes.append(f"sampled ({sampled}): each answer is a draw from the target's distribution, so it "
+                     "is not compared with cloud-only's tokens (the sampling tests check the distribution)")
+    elif mismatches:
         notes.append(f"greedy mismatches vs cloud-only: {len(mismatches)} (" + "; ".join(
             f"{m['mode']}@{_fmt(m['rtt_ms'], 'g')} {m['prompt']} pos {m['position']}" for m in mismatches[:6]) + ")")
     else:

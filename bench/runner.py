@@ -2,7 +2,7 @@
 
     edge (this process, edge cores) --ws--> ThreadedLinkProxy (rtt/2 each way) --> verifier (cloud cores)
 
-Each (mode, rtt) runs every prompt greedily through `EdgeClient.generate_ids` and leaves one record
+Each (mode, rtt) runs every prompt (greedy, or sampled with the run's parameters) through `EdgeClient.generate_ids` and leaves one record
 per prompt (see bench/report.py); at each RTT the modes take turns prompt by prompt, every answer
 on a fresh session. Edge-only does not use the link: it runs once. Hugging Face
 assisted generation runs last, in its own process on the cloud cores, after the verifier has
@@ -56,6 +56,7 @@ class BenchConfig:
     # the local verifier keeps the chat openings (template header, system turn) every prompt
     # shares, as a fleet's verifier does; False: every answer prefills its whole prompt
     shared_openings: bool = True
+    params: object = None  # sampling.SamplingParams of every answer; None: greedy
     figures: object = None  # edge_app.energy.PowerFigures or None
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="picospec-bench-")))
 
@@ -167,7 +168,9 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
         if client.link is not None and client.link.welcome is not None:
             result.setup["target"] = client.link.welcome.model
             progress("measuring the verifier's T(k) curve", False)
-            curve = await measure_verify_curve(client.link, client.link.welcome.vocab_size)
+            # the probe's drafts carry no distributions: a greedy session, whatever the run samples
+            link = client.link if cfg.params is None else await client.open_session(_options(cfg, "sync", 1, greedy=True))
+            curve = await measure_verify_curve(link, link.welcome.vocab_size)
             result.setup["verify_curve_s"] = {str(k): v for k, v in curve.items()}
         if "edge" in cfg.modes:
             await _run_modes(client, cfg, ["edge"], None, ids, result, sensor, None, progress)
@@ -207,17 +210,19 @@ async def _start_cloud_side(cfg: BenchConfig, split, result: BenchResult, progre
     return verifier, proxy
 
 
-def _options(cfg: BenchConfig, mode: str, max_new: int):
+def _options(cfg: BenchConfig, mode: str, max_new: int, greedy: bool = False):
     from edge_app.pipeline import GenerateOptions
     from sampling import SamplingParams
 
+    # every answer of a sampled run draws with the same parameters and seed
+    params = SamplingParams() if greedy or cfg.params is None else cfg.params
     if mode == "branch":
-        return GenerateOptions(max_new_tokens=max_new, params=SamplingParams(), mode="pipeline", block=cfg.block,
+        return GenerateOptions(max_new_tokens=max_new, params=params, mode="pipeline", block=cfg.block,
                                branch=True)
     if mode == "uncut":
-        return GenerateOptions(max_new_tokens=max_new, params=SamplingParams(), mode="pipeline", block=cfg.block,
+        return GenerateOptions(max_new_tokens=max_new, params=params, mode="pipeline", block=cfg.block,
                                cut_below=0.0)
-    return GenerateOptions(max_new_tokens=max_new, params=SamplingParams(), mode=mode, block=cfg.block)
+    return GenerateOptions(max_new_tokens=max_new, params=params, mode=mode, block=cfg.block)
 
 
 async def _warm_up(client, cfg: BenchConfig, link_modes: list[str]) -> None:

@@ -187,6 +187,11 @@ class EdgeClient:
         # one that is worth retrying, if any was (a lost replica next to a full one)
         raise next((e for e in errors if e.code in RETRYABLE), errors[-1])
 
+    async def open_session(self, options: GenerateOptions) -> CloudLink:
+        """A new verifier session with `options`' sampling settings (the current one is closed):
+        for messages of one's own, such as the T(k) probe's greedy drafts."""
+        return await self._session(options, fresh=True)
+
     async def _open(self, url: str, options: GenerateOptions, connect_timeout_s: float | None) -> CloudLink:
         """One connection attempt to one verifier URL: TCP, WebSocket, hello, welcome."""
         p = options.params

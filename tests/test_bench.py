@@ -250,6 +250,35 @@ def test_cli_flags():
         parser.parse_args(["bench", "--rtt-ms", "fast"])
 
 
+def test_a_sampled_run_samples_every_answer_and_compares_no_tokens():
+    from bench import cli
+    from bench.runner import BenchConfig, _options
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    greedy = parser.parse_args(["bench", "--modes", "cloud,pipeline"])
+    assert cli.sampling_params(greedy) is None and cli.decoding_label(None) == "greedy"
+    args = parser.parse_args(["bench", "--modes", "cloud,pipeline", "--temperature", "0.7", "--top-p", "0.9"])
+    params = cli.sampling_params(args)
+    assert (params.temperature, params.top_p, params.seed) == (0.7, 0.9, 0)
+    assert cli.decoding_label(params) == "sampled: temperature 0.7, top-p 0.9, seed 0"
+    # every mode's answers draw with the run's parameters (branch and uncut too)
+    cfg = BenchConfig(prompts=[], modes=["pipeline"], rtts_ms=[50], params=params)
+    for mode in ("cloud", "sync", "pipeline", "auto", "branch", "uncut"):
+        assert _options(cfg, mode, 8).params == params
+    assert _options(BenchConfig(prompts=[], modes=[], rtts_ms=[50]), "auto", 8).params.greedy
+    with pytest.raises(ValueError, match="hf-assisted runs greedy only"):
+        cli.sampling_params(parser.parse_args(["bench", "--temperature", "0.7"]))  # default modes include it
+    with pytest.raises(ValueError, match="top_p"):
+        cli.sampling_params(parser.parse_args(["bench", "--modes", "cloud", "--temperature", "1", "--top-p", "0"]))
+    # sampled answers differ from cloud-only's by design: no mismatches listed, and the note says why
+    records, run_info = synthetic()
+    rows, mismatches = report.build_rows(records, run_info, [50, 150], list(report.MODE_ORDER), greedy=False)
+    assert mismatches == [] and all(r["exact_compared"] is None for r in rows)
+    notes = "\n".join(report.table_notes(rows, mismatches, {}, "temperature 0.7, top-p 0.9, seed 0"))
+    assert "sampled (temperature 0.7" in notes and "greedy" not in notes
+
+
 def test_remote_url_parsing():
     from bench.runner import remote_hostport
 
@@ -306,6 +335,26 @@ def test_bench_end_to_end(tmp_path):
         assert run["prompts"] == 1 and run["tokens_per_s"] > 0
     assert not doc["setup"]["errors"], doc["setup"]["errors"]
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_sampled_bench_end_to_end(tmp_path):
+    pytest.importorskip("llama_cpp")
+    pytest.importorskip("torch")
+    out = tmp_path / "sampled.json"
+    cmd = [sys.executable, "-m", "picospec.cli", "bench", "--prompts", "gsm8k", "--limit", "1",
+           "--max-new-tokens", "12", "--rtt-ms", "50", "--modes", "cloud,pipeline", "--temperature", "0.8",
+           "--seed", "3", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=880)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sampled (temperature 0.8, top-p 1, seed 3)" in proc.stdout
+    doc = json.loads(out.read_text())
+    assert doc["setup"]["decoding"] == "sampled: temperature 0.8, top-p 1, seed 3"
+    assert not doc["setup"]["errors"] and doc["mismatches"] == []
+    pipeline = next(r for r in doc["runs"] if r["mode"] == "pipeline")
+    # the pipeline really speculated under sampling: drafts were verified and some kept
+    assert pipeline["tokens_per_s"] > 0 and pipeline["rounds"] > 0 and pipeline["acceptance_rate"] > 0
 
 
 def test_records_from_answers_and_hf_events_feed_the_report():
