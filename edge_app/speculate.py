@@ -35,6 +35,7 @@ from edge_app.variants import ExactVariant, PaperVariant
 from sampling import SparseDist, token_prob
 
 DEFAULT_BLOCK = 4
+PREFILL_POLL_S = 0.01  # how often the cloud's messages are looked at while the drafter prefills
 BRANCH_AFTER = 2  # main-line tokens drafted past the oldest block in flight before a branch starts
 BRANCH_MARGIN = 2.0  # branch only where the runner-up's logit is within this of the drafted token's
 SWITCH_TO_CLOUD = "cloud"  # what run() returns when auto decides cloud-only is faster
@@ -92,7 +93,7 @@ class SpeculativeLoop:
         # 1. both sides prefill at once: the committed prefix goes up first, the edge prefills
         #    locally and starts drafting; the cloud's Prefilled brings the first token and the epoch
         await self.link.send(self.answer.prompt_message(fill=self.fills))
-        await self._drafter_call("prefill", self.drafter.prefill, list(self.committed))
+        await self._prefill_drafter()
         while self.answer.done_reason is None:
             # 2. apply every message that has arrived (between draft steps)
             for msg in self.link.poll():
@@ -120,6 +121,24 @@ class SpeculativeLoop:
                     msg = await self.link.recv()
                 self.on_message(msg)
         return None
+
+    async def _prefill_drafter(self) -> None:
+        """The drafter's prefill, with the cloud's messages applied as they arrive: the first token
+        (Prefilled) reaches the user when the cloud has it, not when an edge that prefills more
+        slowly than its verifier (a Pi beside a GPU) is done too. Nothing is drafted yet, so no
+        message touches the drafter meanwhile: a token the cloud commits only marks it for a resync.
+        The inbox is polled (every PREFILL_POLL_S) rather than awaited: a recv cancelled when the
+        prefill ends first can lose the message it was taking (asyncio.wait_for, Python 3.11)."""
+        prefill = asyncio.ensure_future(self._drafter_call("prefill", self.drafter.prefill, list(self.committed)))
+        try:
+            while True:
+                for msg in self.link.poll():
+                    self.on_message(msg)
+                if prefill.done():
+                    break
+                await asyncio.wait({prefill}, timeout=PREFILL_POLL_S)
+        finally:
+            await prefill  # an executor job cannot be cancelled: the drafter is not used before it ends
 
     def _may_draft(self) -> bool:
         at_limit = self.answer.generated + len(self.drafted) >= self.opt.max_new_tokens

@@ -7,6 +7,7 @@ matter how good or bad the draft, how slow either side, or how many blocks are i
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +103,42 @@ def test_slow_edge_still_exact(server, target):
     drafter = TinyDrafter(perturbed(target, 1.0), step_delay_s=0.01)
     ans = generate(server.url, drafter, PROMPTS[2], max_new_tokens=24, block=3)
     assert ans.token_ids == reference(target, PROMPTS[2], 24)
+
+
+class SlowPrefillDrafter(TinyDrafter):
+    """An edge whose own prefill takes longer than the verifier's (a Pi beside a GPU)."""
+
+    def __init__(self, model, prefill_s: float):
+        super().__init__(model)
+        self.prefill_s, self.prefilled_at = prefill_s, None
+
+    def prefill(self, ids):
+        time.sleep(self.prefill_s)
+        super().prefill(ids)
+        self.prefilled_at = time.perf_counter()
+
+
+@pytest.mark.parametrize("mode", ["pipeline", "sync"])
+def test_the_first_token_shows_when_the_cloud_has_it_not_when_a_slow_edge_has_prefilled(server, target, mode):
+    drafter = SlowPrefillDrafter(perturbed(target, 0.5), prefill_s=1.5)
+    commits: list[tuple[float, list[int]]] = []
+
+    async def run():
+        link = CloudLink(server.url)
+        await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
+            "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}))
+        try:
+            options = GenerateOptions(max_new_tokens=12, mode=mode, stop_ids=(EOS,), fill=False)
+            on_commit = lambda new, speculative: commits.append((time.perf_counter(), list(new)))  # noqa: E731
+            return await Pipeline(drafter, link, options, on_commit).run(PROMPTS[1])
+        finally:
+            await link.close()
+
+    ans = asyncio.run(run())
+    first_at = next(t for t, new in commits if new)
+    assert drafter.prefilled_at - first_at > 1.0  # the tiny verifier prefills in milliseconds
+    assert ans.token_ids == reference(target, PROMPTS[1], 12)  # and drafting after it stays exact
+    assert ans.stats.accepted > 0
 
 
 def test_cloud_fills_bubbles_with_its_own_tokens_and_stays_exact(target):
