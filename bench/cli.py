@@ -127,8 +127,12 @@ def sampling_params(args):
     return params
 
 
+def sampling_label(params) -> str:
+    return f"temperature {params.temperature:g}, top-p {params.top_p:g}, seed {params.seed}"
+
+
 def decoding_label(params) -> str:
-    return "greedy" if params is None else f"sampled: temperature {params.temperature:g}, top-p {params.top_p:g}, seed {params.seed}"
+    return "greedy" if params is None else f"sampled: {sampling_label(params)}"
 
 
 def run(args) -> int:
@@ -178,7 +182,7 @@ def run(args) -> int:
     print(setup.get("cores", ""))
     print(report.format_verify_curve(result.setup.get("verify_curve_s") or {}))
     print(report.format_table(rows))
-    sampled = None if params is None else decoding_label(params).split(": ", 1)[1]
+    sampled = None if params is None else sampling_label(params)
     for line in report.table_notes(rows, mismatches, breakeven, sampled):
         print("  " + line)
     print("\nper prompt category (Spec-Bench: tokens per verify pass, mean of per-prompt speedups):")

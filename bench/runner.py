@@ -2,10 +2,10 @@
 
     edge (this process, edge cores) --ws--> ThreadedLinkProxy (rtt/2 each way) --> verifier (cloud cores)
 
-Each (mode, rtt) runs every prompt (greedy, or sampled with the run's parameters) through `EdgeClient.generate_ids` and leaves one record
-per prompt (see bench/report.py); at each RTT the modes take turns prompt by prompt, every answer
-on a fresh session. Edge-only does not use the link: it runs once. Hugging Face
-assisted generation runs last, in its own process on the cloud cores, after the verifier has
+Each (mode, rtt) runs every prompt (greedy, or sampled with the run's parameters) through
+`EdgeClient.generate_ids` and leaves one record per prompt (see bench/report.py); at each RTT the
+modes take turns prompt by prompt, every answer on a fresh session. Edge-only does not use the
+link: it runs once. Hugging Face assisted generation runs last, in its own process on the cloud cores, after the verifier has
 stopped so that nothing else competes for those cores.
 """
 from __future__ import annotations
@@ -169,7 +169,9 @@ async def run_link_modes(cfg: BenchConfig, result: BenchResult, progress: Progre
             result.setup["target"] = client.link.welcome.model
             progress("measuring the verifier's T(k) curve", False)
             # the probe's drafts carry no distributions: a greedy session, whatever the run samples
-            link = client.link if cfg.params is None else await client.open_session(_options(cfg, "sync", 1, greedy=True))
+            link = client.link
+            if cfg.params is not None:
+                link = await client.open_session(_options(cfg, "sync", 1, greedy=True))
             curve = await measure_verify_curve(link, link.welcome.vocab_size)
             result.setup["verify_curve_s"] = {str(k): v for k, v in curve.items()}
         if "edge" in cfg.modes:
