@@ -5,8 +5,8 @@
 Each (mode, rtt) runs every prompt (greedy, or sampled with the run's parameters) through
 `EdgeClient.generate_ids` and leaves one record per prompt (see bench/report.py); at each RTT the
 modes take turns prompt by prompt, every answer on a fresh session. Edge-only does not use the
-link: it runs once. Hugging Face assisted generation runs last, in its own process on the cloud cores, after the verifier has
-stopped so that nothing else competes for those cores.
+link: it runs once. Hugging Face assisted generation runs last, in its own process on the cloud
+cores, after the verifier has stopped so that nothing else competes for those cores.
 """
 from __future__ import annotations
 
