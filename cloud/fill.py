@@ -14,6 +14,11 @@ ends before the block arrives; a pass that the block has to wait for only delays
 correction the verifier fills only while a pass can end before the block is due (the
 correction-to-block turnaround it has measured on this session), waits for the block otherwise,
 and fills after all once the block is late by half a pass (the edge may have nothing more to send).
+The prompt's bubble is timed the same way, from its own measurement (Prefilled to the first block):
+an edge that prefills faster than its verifier drafted its first block during the cloud's prefill
+and sends it the moment Prefilled arrives (a fill pass there delayed every answer's first verify
+pass by ~0.2 s on this machine's pair), while one that prefills more slowly (a Pi beside a GPU)
+leaves a long bubble that filling streams through.
 """
 from __future__ import annotations
 
@@ -34,13 +39,38 @@ class FillTiming:
     """What a session has measured about its bubbles (seconds); kept across its answers."""
 
     turnaround: float | None = None  # a correction -> the edge's next fresh block arrives
+    first_block: float | None = None  # the prompt's end (Prefilled) -> the edge's first block arrives
     pass_s: float | None = None  # one filled token's forward pass
 
     def observe_turnaround(self, seconds: float) -> None:
         self.turnaround = _ema(self.turnaround, seconds)
 
+    def observe_first_block(self, seconds: float) -> None:
+        self.first_block = _ema(self.first_block, seconds)
+
     def observe_pass(self, seconds: float) -> None:
         self.pass_s = _ema(self.pass_s, seconds)
+
+
+class FillTimings:
+    """The bubble timing of each device the verifier has served (a token's or a peer address's
+    sessions), so that a new session starts from what its device's last sessions measured: a
+    one-shot answer opens a fresh session, and its prompt's bubble would otherwise always be
+    filled. At most `kept` devices, the least recently seen forgotten first."""
+
+    def __init__(self, kept: int = 4096) -> None:
+        self.kept = kept
+        self.by_key: dict[str, FillTiming] = {}
+
+    def of(self, key: str | None) -> FillTiming:
+        """The timing `key`'s sessions share (a new one for a device not seen, or None)."""
+        if key is None:
+            return FillTiming()
+        timing = self.by_key.pop(key, None) or FillTiming()
+        self.by_key[key] = timing  # (re)inserted last: dicts keep insertion order
+        while len(self.by_key) > self.kept:
+            self.by_key.pop(next(iter(self.by_key)))
+        return timing
 
 
 class NoFill:
@@ -75,9 +105,9 @@ class BubbleFill(NoFill):
     def __init__(self, timing: FillTiming | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.timing = timing if timing is not None else FillTiming()
         self.clock = clock
-        self.in_bubble = True  # the edge is drafting its first block: fill the wait
+        self.in_bubble = True  # the edge is drafting its first block (or still prefilling)
         self.opened_at = clock()
-        self.after_correction = False  # the prompt's bubble lasts as long as the edge's prefill: no timing
+        self.after_correction = False  # the prompt's bubble, timed apart (FillTiming.first_block)
 
     def open_bubble(self) -> None:
         self.in_bubble = True
@@ -85,8 +115,12 @@ class BubbleFill(NoFill):
         self.after_correction = True
 
     def close_bubble(self, arrived_at: float | None = None) -> None:
-        if self.in_bubble and self.after_correction and arrived_at is not None:
-            self.timing.observe_turnaround(max(0.0, arrived_at - self.opened_at))
+        if self.in_bubble and arrived_at is not None:
+            seconds = max(0.0, arrived_at - self.opened_at)
+            if self.after_correction:
+                self.timing.observe_turnaround(seconds)
+            else:
+                self.timing.observe_first_block(seconds)
         self.in_bubble = False
 
     def wants_token(self, session: VerifySession) -> bool:
@@ -96,10 +130,11 @@ class BubbleFill(NoFill):
 
     def hold_s(self) -> float:
         t = self.timing
-        if not self.after_correction or t.turnaround is None or t.pass_s is None:
-            return 0.0  # nothing measured yet (or the prompt's bubble): fill
+        wait = t.turnaround if self.after_correction else t.first_block
+        if wait is None or t.pass_s is None:
+            return 0.0  # nothing measured yet: fill
         now = self.clock()
-        due = self.opened_at + t.turnaround
+        due = self.opened_at + wait
         if now + t.pass_s <= due:
             return 0.0  # a pass ends before the block is due: free
         return max(0.0, due + LATE * t.pass_s - now)

@@ -21,6 +21,7 @@ import codec
 from cloud.admission import Admission
 from cloud.connection import Conn, WebSocket, decode_frame, refuse, send, server_ssl
 from cloud.errors import SessionError
+from cloud.fill import FillTimings
 from cloud.limits import TokenBucket
 from cloud.metrics import Metrics, process_memory
 from cloud.prefix_cache import PrefixStore
@@ -95,6 +96,7 @@ class VerifierServer:
         self.sessions: dict[str, VerifySession] = {}
         self.rule_impl = resolve_rule(config.rule, engine.device)
         self.openings = PrefixStore(config.prefix_cache_bytes) if config.prefix_cache_bytes > 0 else None
+        self.fill_timings = FillTimings()  # per device: a new session's bubbles timed from its last ones
         self.draining = False  # set by cloud.drain: refuse new sessions, /healthz answers 503
         self.admission = Admission(config.accepted_tokens, fingerprint, model_name,
                                    config.max_sessions, config.max_sessions_per_token)
@@ -203,7 +205,8 @@ class VerifierServer:
         # no await between admit and taking the slot: concurrent hellos cannot overfill
         conn.session = VerifySession(self.engine.fork(), params, hello.variant, hello.paper_top_k,
                                      eos_id=self.eos_id, max_context=self._max_context(),
-                                     max_queued_entries=cfg.max_queued_entries, rule_impl=self.rule_impl)
+                                     max_queued_entries=cfg.max_queued_entries, rule_impl=self.rule_impl,
+                                     fill_timing=self.fill_timings.of(conn.quota_key))
         self.sessions[conn.sid] = conn.session
         await send(conn, codec.Welcome(
             session_id=conn.sid, fingerprint=self.fingerprint, model=self.model_name,

@@ -45,7 +45,7 @@ class VerifySession:
 
     def __init__(self, engine, params: SamplingParams, variant: str = "exact", paper_top_k: int = 8,
                  eos_id: int | None = None, max_context: int = 32768, max_queued_entries: int = 1 << 21,
-                 rule_impl: str = "numpy"):
+                 rule_impl: str = "numpy", fill_timing: FillTiming | None = None):
         self.engine = engine
         self.params = params
         self.rule = make_rule(variant, params, paper_top_k, rule_impl)
@@ -62,7 +62,8 @@ class VerifySession:
         self.branches: dict[tuple[int, int], Block] = {}
         self.branches_taken = 0
         self.fill: NoFill = NO_FILL
-        self.fill_timing = FillTiming()  # bubbles measured on this session, for every answer's filling
+        # bubbles measured on this session (and its device's earlier ones), for every answer's filling
+        self.fill_timing = fill_timing if fill_timing is not None else FillTiming()
         # counters for /metrics and the close log
         self.drafted = 0
         self.accepted = 0

@@ -153,6 +153,21 @@ def test_cloud_fills_bubbles_with_its_own_tokens_and_stays_exact(target):
         assert ans.stats.filled > 0 and ans.stats.accepted > 0
 
 
+def test_a_fresh_session_starts_from_the_bubbles_its_device_measured_before(target):
+    """Every generate() here opens a fresh session, as a one-shot answer does. The verifier times
+    the prompt's bubble per device (peer address), so a new session knows how soon this edge's
+    first block comes and fills that bubble only if it is long; the text stays the target's."""
+    engine = SlowEngine(target)
+    engine.delay_s = 0.02
+    with ServerThread(engine) as s:
+        drafter = TinyDrafter(perturbed(target, 0.5))
+        for prompt in PROMPTS[:2]:
+            ans = generate(s.url, drafter, prompt, max_new_tokens=16, block=3, fill=True)
+            assert ans.token_ids == reference(target, prompt, 16)
+        (key, timing), = s.server.fill_timings.by_key.items()
+        assert key.startswith("peer:") and timing.first_block is not None and timing.pass_s is not None
+
+
 def test_sampled_answers_with_bubble_filling_follow_the_target(server, target):
     """Filled tokens are sampled from p by the cloud: the second token's distribution (drafted,
     filled or recovered, whichever came first) stays the target's."""
