@@ -105,11 +105,20 @@ class TimedClient(EdgeClient):
         kind = type(msg).__name__
         if kind in ("Prompt", "Prefilled"):
             self._prefilling = direction == "up"
-        if direction == "up" and kind == "Draft":
-            self._sent[msg.seq] = now
-        elif direction == "down" and kind == "Verdict":
+        if direction == "up":
+            if kind == "Draft":
+                self._sent[msg.seq] = (now, msg.epoch, msg.pos + len(msg.ids))
+            return
+        if kind == "Verdict":
             sent = self._sent.pop(msg.seq, None)
             if sent is not None:
-                self.round_trips.append(now - sent)
+                self.round_trips.append(now - sent[0])
             for seq in [s for s in self._sent if s < msg.seq]:  # merged into this pass
                 self._sent.pop(seq)
+        # no verdict comes for drafts of an older epoch (stale), nor for one whose every id the
+        # cloud committed itself (the Prefilled token, filled tokens)
+        epoch = getattr(msg, "new_epoch", None) or getattr(msg, "epoch", None)
+        committed = {"Prefilled": lambda: msg.committed_len, "Tokens": lambda: msg.pos + len(msg.ids)}
+        end = committed[kind]() if kind in committed else -1
+        for seq in [s for s, (_, e, stop) in self._sent.items() if (epoch is not None and e < epoch) or stop <= end]:
+            self._sent.pop(seq)

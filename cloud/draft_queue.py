@@ -73,6 +73,18 @@ class Block:
         self.wait, self.seq = other.wait, other.seq
 
 
+def strip_committed(block: Block, committed: list[int]) -> Block | None:
+    """The block without the ids at positions the cloud has committed itself (the Prefilled token,
+    which an edge that sent its first block during the prefill drafted too; filled tokens), or None
+    if it contradicts them (stale: drafted after something else)."""
+    if block.pos >= len(committed) or block.forced:
+        return block
+    n = min(len(block.ids), len(committed) - block.pos)
+    if block.ids[:n] != committed[block.pos:block.pos + n]:
+        return None
+    return block.slice(n)
+
+
 class DraftQueue:
     """Blocks in arrival order, with the memory they hold bounded (`max_entries` ids and
     distribution entries: what a hostile edge could make a session hold beyond its KV cache)."""

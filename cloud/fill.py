@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from cloud.draft_queue import Block
 
 if TYPE_CHECKING:
     from cloud.session import VerifySession
@@ -94,10 +93,6 @@ class NoFill:
     def observe_pass(self, seconds: float) -> None:
         """A filled token's pass took `seconds`."""
 
-    def overlap(self, block: Block, committed: list[int]) -> Block | None:
-        """The block without ids the cloud filled itself; None if it contradicts them."""
-        return block
-
 
 class BubbleFill(NoFill):
     enabled = True
@@ -141,14 +136,6 @@ class BubbleFill(NoFill):
 
     def observe_pass(self, seconds: float) -> None:
         self.timing.observe_pass(seconds)
-
-    def overlap(self, block: Block, committed: list[int]) -> Block | None:
-        if block.pos >= len(committed) or block.forced:
-            return block
-        n = min(len(block.ids), len(committed) - block.pos)
-        if block.ids[:n] != committed[block.pos:block.pos + n]:
-            return None  # the edge drafted something else at a filled position: stale
-        return block.slice(n)
 
 
 def _ema(previous: float | None, x: float, alpha: float = 0.3) -> float:

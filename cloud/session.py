@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from cloud.draft_queue import Block, DraftQueue
+from cloud.draft_queue import Block, DraftQueue, strip_committed
 from cloud.errors import SessionError
 from cloud.fill import BubbleFill, FillTiming, NoFill
 from cloud.paper_variant import PaperRule
@@ -138,8 +138,8 @@ class VerifySession:
 
     # -- drafts --------------------------------------------------------------------------------
     def add_draft(self, block: Block, arrived_at: float | None = None) -> bool:
-        """Queue a drafted block; False if it is stale (another epoch, or contradicted by filled
-        tokens); SessionError if it breaks the protocol. arrived_at: when its Draft came in
+        """Queue a drafted block; False if it is stale (another epoch, or contradicted by tokens the
+        cloud committed itself); SessionError if it breaks the protocol. arrived_at: when its Draft came in
         (time.monotonic), for the bubble's timing."""
         if block.epoch != self.epoch:
             return False
@@ -148,7 +148,7 @@ class VerifySession:
         if block.root is not None:
             return self.add_branch(block)
         if not self.queue:
-            stripped = self.fill.overlap(block, self.committed)
+            stripped = strip_committed(block, self.committed)
             if stripped is None:
                 self.correct()
                 return False

@@ -43,6 +43,9 @@ class CloudLink:
         self._reader: asyncio.Task | None = None
         self._stalled = False
         self._closed_by: CloudError | None = None  # the Error the verifier sent before closing
+        # the newest epoch the verifier has named on this session (0: none yet); the next Prompt's
+        # answer drafts in this + 1 (the cloud moves the epoch once at each Prompt)
+        self.epoch = 0
         # observer(direction, message) for each message sent ("up") or received ("down"): traces,
         # and the load test's round-trip timing
         self.observer: Callable[[str, object], None] | None = None
@@ -135,6 +138,7 @@ class CloudLink:
                     return
                 if self.observer is not None:
                     self.observer("down", decoded)
+                self.epoch = max(self.epoch, newest_epoch(decoded))
                 if isinstance(decoded, codec.Error):
                     self._closed_by = CloudError(decoded.code, decoded.message)
                     self._inbox.put_nowait(self._closed_by)
@@ -165,6 +169,12 @@ class CloudLink:
             await asyncio.gather(self._reader, return_exceptions=True)
         if self._http is not None:
             await self._http.close()
+
+
+def newest_epoch(msg) -> int:
+    """The epoch a message from the cloud names last (a Verdict's new one), 0 for none."""
+    new = getattr(msg, "new_epoch", None)
+    return new if new is not None else getattr(msg, "epoch", None) or 0
 
 
 def client_ssl(url: str, ca_cert: str | None) -> ssl.SSLContext | bool:

@@ -7,6 +7,10 @@ One answer, one verifier session. State (positions are absolute token indices):
   forced            the paper variant's recovered token: committed here, not yet sent up
   epoch             the epoch the cloud told us to draft in (Prefilled, Verdict, Tokens carry it);
                     None until the Prefilled of this answer arrives
+  early_epoch       until then, the epoch this answer's Prompt will give (one past the newest the
+                    link has heard: the cloud moves it once per Prompt): the first blocks go up in
+                    it while the cloud prefills, so the first verify pass starts when the prefill
+                    ends; if Prefilled names another, the cloud dropped them and they go up again
   hold_epoch        drafts sent in this epoch turned out stale (a token the cloud committed itself
                     contradicted them): send nothing until the cloud announces a newer epoch
 The drafter's KV cache holds committed + drafted (+ the unsent forced token, already committed).
@@ -67,6 +71,7 @@ class SpeculativeLoop:
         self.sent = 0
         self.forced: list[int] = []
         self.epoch: int | None = None
+        self.early_epoch: int | None = None
         self.hold_epoch: int | None = None
         self.seq = 0
         # seq -> (sent at, ids in the Draft); sent at None: a branch the verifier took
@@ -92,6 +97,7 @@ class SpeculativeLoop:
         """Returns None when the answer is done, SWITCH_TO_CLOUD when auto hands it to the cloud."""
         # 1. both sides prefill at once: the committed prefix goes up first, the edge prefills
         #    locally and starts drafting; the cloud's Prefilled brings the first token and the epoch
+        self.early_epoch = self.link.epoch + 1
         await self.link.send(self.answer.prompt_message(fill=self.fills))
         await self._prefill_drafter()
         while self.answer.done_reason is None:
@@ -145,13 +151,18 @@ class SpeculativeLoop:
         return not self.stop_drafting and not at_limit and len(self.drafted) < self.plan.run_ahead
 
     def _may_send(self) -> bool:
-        return self.epoch is not None and (self.hold_epoch is None or self.epoch > self.hold_epoch)
+        epoch = self._send_epoch()
+        return epoch is not None and (self.hold_epoch is None or epoch > self.hold_epoch)
+
+    def _send_epoch(self) -> int | None:
+        """The epoch drafts go up in: the one the cloud named, or before Prefilled the predicted one."""
+        return self.epoch if self.epoch is not None else self.early_epoch
 
     def _branch_due(self) -> bool:
         """Branching before the run-ahead is reached: a branch the verifier can take must arrive
         before the pass that decides its root ends, so it is drafted once the main line holds
         BRANCH_AFTER tokens past the oldest block in flight, not after all of the run-ahead."""
-        if not self.branching or (self.branch is not None and self.branch.done):
+        if not self.branching or self.epoch is None or (self.branch is not None and self.branch.done):
             return False
         oldest = self._oldest_block_size()
         return oldest is not None and len(self.drafted) - oldest >= BRANCH_AFTER
@@ -336,13 +347,16 @@ class SpeculativeLoop:
         up for them and the next seq (returned); fields: Draft's wait or root."""
         self.seq += 1
         payload = self.variant.uplink(self.opt.params.greedy, forced, new, dists)
-        await self.link.send(codec.Draft(epoch=self.epoch, pos=pos, ids=forced + new, forced=len(forced),
+        await self.link.send(codec.Draft(epoch=self._send_epoch(), pos=pos, ids=forced + new, forced=len(forced),
                                          seq=self.seq, **fields, **payload))
         return self.seq
 
     # -- what the cloud says -----------------------------------------------------------------
     def on_message(self, msg) -> None:
         if isinstance(msg, codec.Prefilled):
+            if msg.epoch != self.early_epoch and self.sent:
+                self._resend_early_blocks()
+            self.early_epoch = None
             self._adopt_epoch(msg.epoch)
             if msg.token is not None:  # the answer's first token, sampled from the prefill's row
                 self.stats.filled += 1
@@ -358,6 +372,12 @@ class SpeculativeLoop:
                 self._on_verdict(msg)
         else:
             raise RuntimeError(f"unexpected {type(msg).__name__} from the verifier during drafting")
+
+    def _resend_early_blocks(self) -> None:
+        """Blocks sent during the prefill in a predicted epoch that turned out wrong (the cloud
+        moved the epoch in a message still on its way): it dropped them, so they go up again."""
+        self.sent = 0
+        self.sent_blocks.clear()
 
     def _adopt_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -385,6 +405,8 @@ class SpeculativeLoop:
             else:  # nothing drafted here yet: the drafter must still be fed the token
                 self.needs_resync = True
             self.answer.commit([token], self.drafted)
+        if not self.sent:
+            self.sent_blocks.clear()  # what was in flight the cloud committed itself: no verdict comes
 
     def _on_verdict(self, msg: codec.Verdict) -> None:
         self._measure(msg)

@@ -15,6 +15,7 @@ import torch
 
 import codec
 from cloud.engine import TargetEngine, greedy_reference
+from cloud.server import ServerConfig
 from edge_app.link import CloudLink
 from edge_app.pipeline import GenerateOptions, Pipeline
 from sampling import SamplingParams, target_probs
@@ -139,6 +140,45 @@ def test_the_first_token_shows_when_the_cloud_has_it_not_when_a_slow_edge_has_pr
     assert drafter.prefilled_at - first_at > 1.0  # the tiny verifier prefills in milliseconds
     assert ans.token_ids == reference(target, PROMPTS[1], 12)  # and drafting after it stays exact
     assert ans.stats.accepted > 0
+
+
+@pytest.mark.parametrize("mode,fill,busy", [("pipeline", True, False), ("pipeline", True, True),
+                                            ("sync", False, False)])
+def test_the_first_block_goes_up_while_the_cloud_prefills_and_is_verified_when_it_ends(target, mode, fill, busy):
+    """A verifier whose prefill takes 0.3 s: the edge sends its first block (its guess at the first
+    token, then more) before Prefilled comes down, in the epoch the Prompt gives, and the cloud
+    verifies it as soon as the prefill ends, without the round trip. A guess that misses the
+    cloud's first token makes the block stale and the answer goes on. busy: a verifier too shared
+    to fill bubbles (the Prompt's fill refused) takes the early block just the same."""
+    engine = SlowEngine(target)
+    engine.delay_s = 0.3
+    config = ServerConfig(port=0, fill_max_sessions=0 if busy else 2)
+    early_verified = 0
+    with ServerThread(engine, config) as s:
+        drafter = TinyDrafter(perturbed(target, 0.5))
+        for prompt in PROMPTS[:3]:
+            events: list[tuple[str, object]] = []
+
+            async def run():
+                link = CloudLink(s.url)
+                await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
+                    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}))
+                link.observer = lambda direction, msg: events.append((direction, msg))
+                try:
+                    options = GenerateOptions(max_new_tokens=8, mode=mode, block=3, stop_ids=(EOS,), fill=fill)
+                    return await Pipeline(drafter, link, options).run(prompt)
+                finally:
+                    await link.close()
+
+            ans = asyncio.run(run())
+            assert ans.token_ids == reference(target, prompt, 8)
+            kinds = [type(m).__name__ for _, m in events]
+            first_draft = next(m for _, m in events if isinstance(m, codec.Draft))
+            assert kinds.index("Draft") < kinds.index("Prefilled")
+            assert (first_draft.epoch, first_draft.pos) == (1, len(prompt))
+            verdict = next(m for _, m in events if isinstance(m, codec.Verdict))
+            early_verified += verdict.epoch == 1 and verdict.pos == len(prompt) + 1  # right after the first token
+    assert early_verified > 0
 
 
 def test_cloud_fills_bubbles_with_its_own_tokens_and_stays_exact(target):

@@ -1,4 +1,5 @@
-"""The edge's round against a scripted cloud: epochs come from the cloud's messages, never guessed.
+"""The edge's round against a scripted cloud: epochs come from the cloud's messages; the only guess
+is the one for the first blocks, sent while the cloud prefills, and Prefilled settles it.
 
 Pure logic (no model, no socket): a counting drafter and a fake link whose replies the test writes.
 The real path (real server, real sockets, real models) is covered by test_pipeline_tiny.py and
@@ -39,6 +40,7 @@ class ScriptedLink:
         self.inbox: asyncio.Queue = asyncio.Queue()
         self.reply = reply
         self.bytes_up = self.bytes_down = 0
+        self.epoch = 0  # the newest epoch the session has heard (edge_app.link.CloudLink.epoch)
 
     async def send(self, msg):
         self.sent.append(msg)
@@ -175,6 +177,69 @@ def test_messages_left_over_from_an_earlier_answer_are_ignored_until_prefilled()
 
     answer, _ = run_loop(ScriptedLink(reply), [1, 2, 3], max_new=3)
     assert answer.committed == [1, 2, 3, 4, 5, 6]
+
+
+def prefill_after_first_draft(epoch_of_prefill, first_token, then=()):
+    """A cloud that is still prefilling when the edge's first block goes up: Prefilled comes down
+    after that Draft (with `then`: what the cloud says about the early block), later blocks are
+    accepted whole in the epoch they name."""
+    state = {"prefilled": False}
+
+    def reply(msg, link):
+        if isinstance(msg, codec.Draft) and not state["prefilled"]:
+            state["prefilled"] = True
+            prompt = next(m for m in link.sent if isinstance(m, codec.Prompt))
+            return [codec.Prefilled(committed_len=len(prompt.ids) + 1, epoch=epoch_of_prefill, prefill_s=0.0,
+                                    token=first_token), *then(msg)]
+        if isinstance(msg, codec.Draft):
+            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
+                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+        return []
+
+    return reply
+
+
+def test_the_first_block_goes_up_during_the_prefill_in_the_epoch_the_prompt_will_give():
+    """The session has heard epoch 4, so this Prompt's answer drafts in 5: the first block (the
+    draft's guess at the first token, then one more) goes up before Prefilled; the cloud drops the
+    guess that matches its own first token and verifies the rest."""
+    def then(draft):  # the cloud verified [5] (the 4 it committed itself was stripped)
+        return [codec.Verdict(epoch=5, pos=4, accepted=1, token=None, kind=VerdictKind.ACCEPTED,
+                              new_epoch=5, seq=draft.seq)]
+
+    link = ScriptedLink(prefill_after_first_draft(5, first_token=4, then=then))
+    link.epoch = 4
+    answer, _ = run_loop(link, [1, 2, 3], max_new=5)
+    first = link.drafts()[0]
+    assert (first.epoch, first.pos, first.ids) == (5, 3, [4, 5])  # sent before Prefilled came down
+    assert answer.committed == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert all(d.epoch == 5 for d in link.drafts()) and answer.stats.accepted == 4
+
+
+def test_early_blocks_in_an_epoch_the_cloud_had_left_go_up_again():
+    """The cloud had moved the epoch in a message still on its way (6, not the 5 predicted): it
+    dropped the early block without a word, so after Prefilled the edge sends it again in 6."""
+    link = ScriptedLink(prefill_after_first_draft(6, first_token=4, then=lambda draft: []))
+    link.epoch = 4
+    answer, _ = run_loop(link, [1, 2, 3], max_new=5)
+    drafts = link.drafts()
+    assert drafts[0].epoch == 5 and drafts[1].epoch == 6 and drafts[1].pos == 4 and drafts[1].ids[0] == 5
+    assert answer.committed == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_an_early_block_after_a_wrong_guess_at_the_first_token_waits_for_the_next_epoch():
+    """The cloud's first token (20) is not the draft's guess (4): the early block is stale; the
+    cloud moves the epoch and says so (an empty Tokens), and the edge drafts on after 20 in it."""
+    def then(draft):
+        return [codec.Tokens(pos=4, ids=[], done=False, epoch=6)]
+
+    link = ScriptedLink(prefill_after_first_draft(5, first_token=20, then=then))
+    link.epoch = 4
+    answer, _ = run_loop(link, [1, 2, 3], max_new=5)
+    drafts = link.drafts()
+    assert drafts[0].epoch == 5 and all(d.epoch == 6 for d in drafts[1:])
+    assert drafts[1].pos == 4 and drafts[1].ids[0] == 21
+    assert answer.committed == [1, 2, 3, 20, 21, 22, 23, 24]
 
 
 def test_auto_hands_the_answer_to_cloud_only_after_two_rounds_with_nothing_in_flight():
