@@ -72,6 +72,7 @@ class SpeculativeLoop:
         self.forced: list[int] = []
         self.epoch: int | None = None
         self.early_epoch: int | None = None
+        self.prefilled_at: float | None = None  # when this answer's Prefilled arrived
         self.hold_epoch: int | None = None
         self.seq = 0
         # seq -> (sent at, ids in the Draft); sent at None: a branch the verifier took
@@ -357,6 +358,7 @@ class SpeculativeLoop:
             if msg.epoch != self.early_epoch and self.sent:
                 self._resend_early_blocks()
             self.early_epoch = None
+            self.prefilled_at = time.perf_counter()
             self._adopt_epoch(msg.epoch)
             if msg.token is not None:  # the answer's first token, sampled from the prefill's row
                 self.stats.filled += 1
@@ -453,8 +455,9 @@ class SpeculativeLoop:
         sent_at, size = self.sent_blocks.pop(msg.seq, (None, 0))
         self.stats.verify_s.append(msg.verify_s)
         self.est.verify.observe(msg.fed or size or 1, msg.verify_s)
-        # the first verdict of an answer also waited for the cloud's prefill: not a round trip
-        if sent_at is not None and self.stats.rounds > 0:
+        # a block sent before Prefilled came down waited for the cloud's prefill: not a round trip
+        # (nor did the first verdict of an answer)
+        if sent_at is not None and self.stats.rounds > 0 and sent_at >= (self.prefilled_at or float("inf")):
             rtt = max(0.0, time.perf_counter() - sent_at - msg.verify_s)
             self.est.t_rtt = ema(self.est.t_rtt, rtt, 0.3)
 
