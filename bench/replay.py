@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_app.client import EdgeClient
 from edge_app.draft_model import TokenListDrafter
+from edge_app.link import newest_epoch
 
 MISS_BUCKETS = 10_000
 
@@ -117,8 +118,7 @@ class TimedClient(EdgeClient):
                 self._sent.pop(seq)
         # no verdict comes for drafts of an older epoch (stale), nor for one whose every id the
         # cloud committed itself (the Prefilled token, filled tokens)
-        epoch = getattr(msg, "new_epoch", None) or getattr(msg, "epoch", None)
-        committed = {"Prefilled": lambda: msg.committed_len, "Tokens": lambda: msg.pos + len(msg.ids)}
-        end = committed[kind]() if kind in committed else -1
-        for seq in [s for s, (_, e, stop) in self._sent.items() if (epoch is not None and e < epoch) or stop <= end]:
+        epoch = newest_epoch(msg)
+        end = msg.committed_len if kind == "Prefilled" else msg.pos + len(msg.ids) if kind == "Tokens" else -1
+        for seq in [s for s, (_, e, stop) in self._sent.items() if e < epoch or stop <= end]:
             self._sent.pop(seq)

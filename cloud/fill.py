@@ -26,7 +26,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-
 if TYPE_CHECKING:
     from cloud.session import VerifySession
 

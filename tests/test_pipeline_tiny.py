@@ -40,7 +40,7 @@ def reference(target, prompt, n, stop=EOS):
     return out
 
 
-async def _generate(url, drafter, prompt, options: GenerateOptions, link=None):
+async def _generate(url, drafter, prompt, options: GenerateOptions, link=None, on_commit=None, observer=None):
     own = link is None
     if own:
         link = CloudLink(url)
@@ -48,17 +48,20 @@ async def _generate(url, drafter, prompt, options: GenerateOptions, link=None):
         await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
             "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k, "seed": p.seed},
             variant=options.variant, paper_top_k=options.paper_top_k))
+        link.observer = observer
     try:
-        return await Pipeline(drafter, link, options).run(prompt)
+        return await Pipeline(drafter, link, options, on_commit).run(prompt)
     finally:
         if own:
             await link.close()
 
 
-def generate(url, drafter, prompt, **kw):
+def generate(url, drafter, prompt, on_commit=None, observer=None, **kw):
+    """on_commit(new, speculative) per commit; observer(direction, message) per message."""
     kw.setdefault("stop_ids", (EOS,))
     kw.setdefault("fill", False)  # the hard cases pin the draft/verify mechanics; fill is tested apart
-    return asyncio.run(_generate(url, drafter, prompt, GenerateOptions(**kw)))
+    return asyncio.run(_generate(url, drafter, prompt, GenerateOptions(**kw), on_commit=on_commit,
+                                 observer=observer))
 
 
 @pytest.mark.parametrize("noise", [0.0, 0.5, 3.0])
@@ -123,19 +126,8 @@ class SlowPrefillDrafter(TinyDrafter):
 def test_the_first_token_shows_when_the_cloud_has_it_not_when_a_slow_edge_has_prefilled(server, target, mode):
     drafter = SlowPrefillDrafter(perturbed(target, 0.5), prefill_s=1.5)
     commits: list[tuple[float, list[int]]] = []
-
-    async def run():
-        link = CloudLink(server.url)
-        await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
-            "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}))
-        try:
-            options = GenerateOptions(max_new_tokens=12, mode=mode, stop_ids=(EOS,), fill=False)
-            on_commit = lambda new, speculative: commits.append((time.perf_counter(), list(new)))  # noqa: E731
-            return await Pipeline(drafter, link, options, on_commit).run(PROMPTS[1])
-        finally:
-            await link.close()
-
-    ans = asyncio.run(run())
+    ans = generate(server.url, drafter, PROMPTS[1], max_new_tokens=12, mode=mode,
+                   on_commit=lambda new, speculative: commits.append((time.perf_counter(), list(new))))
     first_at = next(t for t, new in commits if new)
     assert drafter.prefilled_at - first_at > 1.0  # the tiny verifier prefills in milliseconds
     assert ans.token_ids == reference(target, PROMPTS[1], 12)  # and drafting after it stays exact
@@ -158,19 +150,8 @@ def test_the_first_block_goes_up_while_the_cloud_prefills_and_is_verified_when_i
         drafter = TinyDrafter(perturbed(target, 0.5))
         for prompt in PROMPTS[:3]:
             events: list[tuple[str, object]] = []
-
-            async def run():
-                link = CloudLink(s.url)
-                await link.connect(codec.Hello(fingerprint=fingerprint(), sampling={
-                    "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seed": None}))
-                link.observer = lambda direction, msg: events.append((direction, msg))
-                try:
-                    options = GenerateOptions(max_new_tokens=8, mode=mode, block=3, stop_ids=(EOS,), fill=fill)
-                    return await Pipeline(drafter, link, options).run(prompt)
-                finally:
-                    await link.close()
-
-            ans = asyncio.run(run())
+            ans = generate(s.url, drafter, prompt, max_new_tokens=8, mode=mode, block=3, fill=fill,
+                           observer=lambda direction, msg: events.append((direction, msg)))
             assert ans.token_ids == reference(target, prompt, 8)
             kinds = [type(m).__name__ for _, m in events]
             first_draft = next(m for _, m in events if isinstance(m, codec.Draft))

@@ -69,6 +69,12 @@ def run_loop(link, prompt, max_new=8, block=2):
     return answer, loop
 
 
+def accepted_whole(draft: codec.Draft) -> codec.Verdict:
+    """The verdict on a Draft accepted whole, in its own epoch."""
+    return codec.Verdict(epoch=draft.epoch, pos=draft.pos, accepted=len(draft.ids), token=None,
+                         kind=VerdictKind.ACCEPTED, new_epoch=draft.epoch, seq=draft.seq)
+
+
 def accept_all(epoch_of_prefill):
     """A cloud that accepts every block whole and keeps its epoch."""
 
@@ -77,8 +83,7 @@ def accept_all(epoch_of_prefill):
             return [codec.Prefilled(committed_len=len(msg.ids) + 1, epoch=epoch_of_prefill, prefill_s=0.0,
                                     token=(msg.ids[-1] + 1) % V)]
         if isinstance(msg, codec.Draft):
-            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
-                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+            return [accepted_whole(msg)]
         return []
 
     return reply
@@ -110,8 +115,7 @@ def test_a_recovered_token_moves_the_edge_to_the_epoch_the_verdict_names():
                 state["rejected"] = True
                 return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=0, token=30,
                                       kind=VerdictKind.RECOVERED, new_epoch=40, seq=msg.seq)]
-            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
-                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+            return [accepted_whole(msg)]
         return []
 
     link = ScriptedLink(reply)
@@ -137,8 +141,7 @@ def test_a_filled_token_that_contradicts_sent_drafts_holds_sending_until_a_newer
             return [codec.Tokens(pos=3, ids=[20], done=False, epoch=2),
                     codec.Tokens(pos=4, ids=[21], done=False, epoch=3)]
         if isinstance(msg, codec.Draft):
-            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
-                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+            return [accepted_whole(msg)]
         return []
 
     link = ScriptedLink(reply)
@@ -156,8 +159,7 @@ def test_a_filled_token_that_matches_the_draft_keeps_the_rest_of_the_block():
             return [codec.Prefilled(committed_len=len(msg.ids), epoch=1, prefill_s=0.0, token=None),
                     codec.Tokens(pos=len(msg.ids), ids=[(msg.ids[-1] + 1) % V], done=False, epoch=1)]
         if isinstance(msg, codec.Draft):
-            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
-                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+            return [accepted_whole(msg)]
         return []
 
     link = ScriptedLink(reply)
@@ -179,7 +181,7 @@ def test_messages_left_over_from_an_earlier_answer_are_ignored_until_prefilled()
     assert answer.committed == [1, 2, 3, 4, 5, 6]
 
 
-def prefill_after_first_draft(epoch_of_prefill, first_token, then=()):
+def prefill_after_first_draft(epoch_of_prefill, first_token, then=lambda draft: []):
     """A cloud that is still prefilling when the edge's first block goes up: Prefilled comes down
     after that Draft (with `then`: what the cloud says about the early block), later blocks are
     accepted whole in the epoch they name."""
@@ -192,8 +194,7 @@ def prefill_after_first_draft(epoch_of_prefill, first_token, then=()):
             return [codec.Prefilled(committed_len=len(prompt.ids) + 1, epoch=epoch_of_prefill, prefill_s=0.0,
                                     token=first_token), *then(msg)]
         if isinstance(msg, codec.Draft):
-            return [codec.Verdict(epoch=msg.epoch, pos=msg.pos, accepted=len(msg.ids), token=None,
-                                  kind=VerdictKind.ACCEPTED, new_epoch=msg.epoch, seq=msg.seq)]
+            return [accepted_whole(msg)]
         return []
 
     return reply
